@@ -1,0 +1,183 @@
+"""The probabilistic attender (spec section 4): a conditional VAE over spatial slots.
+
+Reads middle-layer hidden states of the LLM, split into vision tokens and text
+tokens, and produces ``K`` latent slots. Two branches with the same architecture:
+
+* prior     - vision + question tokens (all that is known at inference);
+* posterior - vision + question + answer tokens (training only).
+
+Both share the learned slot queries, the slot attention and the GMM head, so the
+prior learns to put its slots where the posterior, which has seen the answer, puts
+them. Padding inside a stream is masked everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import VIFConfig
+from .gmm import GMMHead, Mixture
+
+
+class MultiHeadAttention(nn.Module):
+    """Plain multi-head attention with a key-padding mask, on SDPA."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """query ``(B, Lq, C)``, context ``(B, Lk, C)``, context_mask ``(B, Lk)`` bool (True = real token)."""
+        b, lq, c = query.shape
+        lk = context.shape[1]
+        h = self.num_heads
+        q = self.q_proj(query).view(b, lq, h, c // h).transpose(1, 2)
+        k = self.k_proj(context).view(b, lk, h, c // h).transpose(1, 2)
+        v = self.v_proj(context).view(b, lk, h, c // h).transpose(1, 2)
+        # A sample whose context stream is empty would give an all-masked softmax (NaN);
+        # let it attend to its padding and zero the result instead.
+        has_context = context_mask.any(-1)
+        mask = context_mask | ~has_context[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        out = self.o_proj(out.transpose(1, 2).reshape(b, lq, c))
+        return out * has_context[:, None, None].to(out.dtype)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class EncoderBlock(nn.Module):
+    """One two-stream block: self-attention in each stream, cross-attention both ways, FFNs.
+
+    Pre-LayerNorm with residuals everywhere; in a cross-attention both the querying
+    stream and the attended stream are normalised.
+
+    Only the vision stream leaves the encoder (the slots read it), so in the *last*
+    block the text stream's tail (text-queries-vision and the text FFN) could never
+    influence anything. The released recipe instantiates it anyway; we do not
+    (``last=True``), which keeps every parameter trained - DDP needs that - and drops
+    about 0.4 B dead parameters from the paper preset (docs/presets.md).
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn: int, last: bool = False) -> None:
+        super().__init__()
+        self.last = last
+        self.norm_v_self, self.attn_v_self = nn.LayerNorm(dim), MultiHeadAttention(dim, num_heads)
+        self.norm_t_self, self.attn_t_self = nn.LayerNorm(dim), MultiHeadAttention(dim, num_heads)
+        self.norm_v_cross, self.norm_t_ctx = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn_v_to_t = MultiHeadAttention(dim, num_heads)
+        self.norm_v_ffn, self.ffn_v = nn.LayerNorm(dim), FeedForward(dim, ffn)
+        if not last:
+            self.norm_t_cross, self.norm_v_ctx = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.attn_t_to_v = MultiHeadAttention(dim, num_heads)
+            self.norm_t_ffn, self.ffn_t = nn.LayerNorm(dim), FeedForward(dim, ffn)
+
+    def forward(
+        self, v: torch.Tensor, t: torch.Tensor, v_mask: torch.Tensor, t_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """v ``(B, Nv, C)``, t ``(B, Nt, C)``; masks ``(B, Nv)``, ``(B, Nt)`` bool."""
+        x = self.norm_v_self(v)
+        v = v + self.attn_v_self(x, x, v_mask)
+        x = self.norm_t_self(t)
+        t = t + self.attn_t_self(x, x, t_mask)
+        v = v + self.attn_v_to_t(self.norm_v_cross(v), self.norm_t_ctx(t), t_mask)
+        if not self.last:
+            t = t + self.attn_t_to_v(self.norm_t_cross(t), self.norm_v_ctx(v), v_mask)
+            t = t + self.ffn_t(self.norm_t_ffn(t))
+        v = v + self.ffn_v(self.norm_v_ffn(v))
+        return v, t
+
+
+class Branch(nn.Module):
+    """Prior or posterior encoder: LLM hidden states -> encoded vision tokens, and latent heads."""
+
+    def __init__(self, config: VIFConfig) -> None:
+        super().__init__()
+        d, dz = config.hidden_size, config.latent_size
+        self.vision_in = nn.Linear(d, dz)
+        self.text_in = nn.Linear(d, dz)
+        n = config.num_encoder_layers
+        self.blocks = nn.ModuleList(
+            EncoderBlock(dz, config.num_heads, config.ffn_size, last=i == n - 1) for i in range(n)
+        )
+        self.vision_norm = nn.LayerNorm(dz)
+        self.mu = nn.Linear(dz, dz)
+        self.logvar = nn.Linear(dz, dz)
+
+    def encode(
+        self, vision: torch.Tensor, text: torch.Tensor, v_mask: torch.Tensor, t_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """vision ``(B, Nv, D)``, text ``(B, Nt, D)`` -> encoded vision ``(B, Nv, Dz)``."""
+        v, t = self.vision_in(vision), self.text_in(text)
+        for block in self.blocks:
+            v, t = block(v, t, v_mask, t_mask)
+        return self.vision_norm(v)
+
+
+@dataclass
+class Latent:
+    """Gaussian over the slots of one branch: mu, logvar ``(B, K, Dz)``."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
+        return self.mu + torch.exp(0.5 * self.logvar) * eps
+
+
+def gaussian_kl(q: Latent, p: Latent) -> torch.Tensor:
+    """``KL(q || p)`` of diagonal Gaussians, elementwise, averaged over all elements -> scalar."""
+    lq, lp = q.logvar.float(), p.logvar.float()
+    kl = 0.5 * (lp - lq + (lq.exp() + (q.mu.float() - p.mu.float()).pow(2)) / lp.exp() - 1.0)
+    return kl.mean()
+
+
+class ProbabilisticAttender(nn.Module):
+    """The VIF module: prior and posterior branches, shared slots and GMM head."""
+
+    def __init__(self, config: VIFConfig) -> None:
+        super().__init__()
+        if config.hidden_size is None:
+            raise ValueError("VIFConfig.hidden_size is unset; build the config with VIFConfig.preset(name, model).")
+        self.config = config
+        dz = config.latent_size
+        self.prior = Branch(config)
+        self.posterior = Branch(config) if config.use_posterior else None
+        self.slots = nn.Parameter(torch.randn(config.num_components, dz) * dz**-0.5)
+        self.slot_norm = nn.LayerNorm(dz)
+        self.slot_attention = MultiHeadAttention(dz, config.num_heads)
+        self.gmm = GMMHead(dz, config.min_sigma)
+
+    def latent(
+        self,
+        branch: Branch,
+        vision: torch.Tensor,
+        text: torch.Tensor,
+        v_mask: torch.Tensor,
+        t_mask: torch.Tensor,
+    ) -> Latent:
+        """One branch from hidden states to the slot Gaussians ``(B, K, Dz)``."""
+        encoded = branch.encode(vision, text, v_mask, t_mask)
+        queries = self.slot_norm(self.slots).expand(vision.shape[0], -1, -1)
+        slots = self.slot_attention(queries, encoded, v_mask)
+        lim = self.config.logvar_clamp
+        return Latent(branch.mu(slots), branch.logvar(slots).clamp(-lim, lim))
+
+    def decode(self, z: torch.Tensor) -> Mixture:
+        return self.gmm(z)

@@ -1,0 +1,157 @@
+"""The backbone adapter interface: what VIF needs to know about a model family.
+
+An adapter provides three things:
+
+1. **where the decoder layers are** - :meth:`BackboneAdapter.decoder_layers` (and the
+   attention module inside a layer, :meth:`BackboneAdapter.attention_module`);
+2. **where the image tokens are** - positions in the sequence of every image token,
+   found from the forward's inputs (:meth:`BackboneAdapter.image_token_mask`);
+3. **each image's grid** - the ``(rows, cols)`` token grid of every image, in the order
+   the images' tokens appear (:meth:`BackboneAdapter.image_grids`).
+
+From these the shared code builds a :class:`VisionLayout` (positions and per-token
+coordinates in each image's unit square). Adding a model family is one file with
+one subclass, registered with :func:`register_backbone`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..gmm import grid_coordinates
+
+
+class BackboneError(ValueError):
+    """Inputs or a model that a backbone adapter cannot handle; the message names the fix."""
+
+
+@dataclass
+class VisionLayout:
+    """Where the image tokens of a batch are.
+
+    positions: ``(B, Nv)`` sequence index of each image token, ascending per sample,
+        padded with ``seq_len`` (past the end) where a sample has fewer tokens.
+    valid: ``(B, Nv)`` bool, False on padding entries.
+    coords: ``(B, Nv, 2)`` each token's ``(x, y)`` centre in its image's unit square.
+    grids: per sample, the ``(rows, cols)`` grid of each of its images, in sequence order.
+    seq_len: length of the sequence the layout was computed for (the prompt at generation).
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    coords: torch.Tensor
+    grids: list[list[tuple[int, int]]]
+    seq_len: int
+
+    @property
+    def has_image(self) -> torch.Tensor:
+        """``(B,)`` bool: which samples hold at least one image token."""
+        return self.valid.any(-1)
+
+    def token_mask(self, length: int | None = None) -> torch.Tensor:
+        """``(B, length)`` bool, True at image-token positions (length defaults to ``seq_len``)."""
+        length = self.seq_len if length is None else length
+        mask = torch.zeros(self.positions.shape[0], length + 1, dtype=torch.bool, device=self.positions.device)
+        mask.scatter_(1, self.positions.clamp(max=length), self.valid)
+        return mask[:, :length]
+
+
+def build_layout(
+    image_mask: torch.Tensor, grids: list[list[tuple[int, int]]], grid_mode: str = "centers"
+) -> VisionLayout:
+    """Turns an image-token mask ``(B, L)`` and per-sample image grids into a :class:`VisionLayout`.
+
+    Image tokens of one sample are assigned to its images in order; each image's
+    tokens are its grid in row-major order. Raises :class:`BackboneError` if a sample's
+    token count does not equal the sum of its images' grid sizes.
+    """
+    batch, seq_len = image_mask.shape
+    device = image_mask.device
+    counts = image_mask.sum(-1).tolist()
+    for b, (count, sample_grids) in enumerate(zip(counts, grids)):
+        expected = sum(h * w for h, w in sample_grids)
+        if count != expected:
+            raise BackboneError(
+                f"sample {b} has {count} image tokens in input_ids but its images' grids "
+                f"{sample_grids} need {expected}. The prompt's image placeholders must be expanded "
+                "by the model's processor (one placeholder per image token)."
+            )
+    width = max(counts) if counts else 0
+    positions = torch.full((batch, width), seq_len, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    coords = torch.zeros(batch, width, 2, dtype=torch.float32, device=device)
+    for b in range(batch):
+        n = counts[b]
+        if n == 0:
+            continue
+        positions[b, :n] = image_mask[b].nonzero().squeeze(-1)
+        valid[b, :n] = True
+        coords[b, :n] = torch.cat([grid_coordinates(h, w, grid_mode) for h, w in grids[b]]).to(device)
+    return VisionLayout(positions, valid, coords, grids, seq_len)
+
+
+class BackboneAdapter:
+    """Base class: subclass once per model family (see ``llava.py``)."""
+
+    #: ``config.model_type`` values this adapter handles.
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # 1. where the decoder layers are --------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    # 2. where the image tokens are ----------------------------------------------
+    def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """``(B, L)`` bool, True at image-token positions of ``inputs["input_ids"]``."""
+        raise NotImplementedError
+
+    # 3. each image's grid --------------------------------------------------------
+    def image_grids(self, inputs: dict[str, Any], image_mask: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per sample, the ``(rows, cols)`` token grid of each image, in sequence order."""
+        raise NotImplementedError
+
+    # shared -------------------------------------------------------------------------
+    def vision_layout(self, inputs: dict[str, Any], grid_mode: str = "centers") -> VisionLayout:
+        if inputs.get("input_ids") is None:
+            raise BackboneError(
+                "VIF needs input_ids to find the image tokens; calling the model with inputs_embeds "
+                "only is not supported. Pass input_ids (and pixel_values) instead."
+            )
+        image_mask = self.image_token_mask(inputs)
+        return build_layout(image_mask, self.image_grids(inputs, image_mask), grid_mode)
+
+
+_REGISTRY: dict[str, type[BackboneAdapter]] = {}
+
+
+def register_backbone(cls: type[BackboneAdapter]) -> type[BackboneAdapter]:
+    """Class decorator: makes an adapter available to :func:`get_backbone`."""
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def get_backbone(model: nn.Module) -> BackboneAdapter:
+    """The adapter for ``model``, looked up by ``model.config.model_type``."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise BackboneError(
+            f"VIF does not know the model type {model_type!r} ({type(model).__name__}). Known model types: "
+            f"{sorted(_REGISTRY)}. To add one, write a BackboneAdapter subclass (see vif/backbones/base.py) "
+            "and decorate it with @vif.register_backbone."
+        )
+    return _REGISTRY[model_type](model)

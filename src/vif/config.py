@@ -1,0 +1,239 @@
+"""`VIFConfig`: every knob of the VIF method, with the released recipe's defaults.
+
+A config is plain data: it can be written to / read from JSON, validated against a
+backbone (layer indices in range, hidden size), and built from a named preset.
+Section numbers refer to the method specification (VIF_METHOD.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "vif_config.json"
+
+# The paper's pairs for a 32-layer LLM (LLaVA-1.5-7B / Vicuna-7B), section 3.
+PAPER_EXTRACT_LAYERS = (11, 13, 15, 17)
+PAPER_INJECT_LAYERS = (25, 27, 29, 31)
+PAPER_DEPTH = 32
+
+
+class VIFConfigError(ValueError):
+    """A VIF configuration that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class VIFConfig:
+    """Configuration of the VIF module and of how it is wired into a backbone.
+
+    Layer indices are 0-based decoder layers of the language model; the hidden state
+    of layer ``e`` is that layer's output.
+    """
+
+    # --- wiring (section 3) -------------------------------------------------------
+    extract_layers: list[int] = field(default_factory=lambda: list(PAPER_EXTRACT_LAYERS))
+    inject_layers: list[int] = field(default_factory=lambda: list(PAPER_INJECT_LAYERS))
+    alpha: float = 0.5
+    # "fused": closed form on top of the base attention (no q x kv matrix);
+    # "materialised": eager reference that builds A' explicitly.
+    injection: str = "fused"
+    inject_rows: str = "text"  # "text": non-vision rows only; "all": the Full-Seq ablation
+    inject_decode: bool = True  # False: the released code's prefill-only behaviour
+
+    # --- the probabilistic attender (section 4) -----------------------------------
+    hidden_size: int | None = None  # LLM hidden size D; filled from the backbone on attach
+    latent_size: int = 4096  # Dz
+    num_encoder_layers: int = 3  # Nenc
+    num_heads: int = 4  # Hz
+    ffn_size: int = 16384  # Dff
+    num_components: int = 16  # K Gaussian components = latent slots
+    logvar_clamp: float = 5.0
+    use_posterior: bool = True  # False: the "w/o AP" ablation
+    sample_at_inference: bool = False  # True: the released code's stochastic inference
+
+    # --- spatial GMM decoding (section 5) -----------------------------------------
+    min_sigma: float = 0.035
+    normalisation: str = "sum"  # "sum": M / sum M (paper); "softmax": released code
+    grid_coords: str = "centers"  # "centers": (i + 0.5) / W; "linspace": linspace(0, 1, W)
+
+    # --- losses (section 7) -------------------------------------------------------
+    kl_weight: float = 0.1  # beta
+    sparsity_weight: float = 0.1  # gamma
+    entropy_weight: float = 1.0  # lambda_ent
+    volume_weight: float = 1.0  # lambda_vol
+    volume: str = "sigma2"  # "sigma2": mean_k sigma_k^2 (released); "weighted": sum_k w_k sigma_k^2 (paper)
+    loss_pairs: str = "all"  # "all": average KL/sparsity over pairs; "first": released code
+
+    def __post_init__(self) -> None:
+        self.extract_layers = [int(i) for i in self.extract_layers]
+        self.inject_layers = [int(i) for i in self.inject_layers]
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, num_layers: int | None = None) -> None:
+        """Checks the config on its own and, given ``num_layers``, against a backbone."""
+        choices = {
+            "injection": ("fused", "materialised"),
+            "inject_rows": ("text", "all"),
+            "normalisation": ("sum", "softmax"),
+            "grid_coords": ("centers", "linspace"),
+            "volume": ("sigma2", "weighted"),
+            "loss_pairs": ("all", "first"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise VIFConfigError(f"VIFConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if len(self.extract_layers) != len(self.inject_layers):
+            raise VIFConfigError(
+                f"extract_layers has {len(self.extract_layers)} entries but inject_layers has "
+                f"{len(self.inject_layers)}: give one extraction layer per injection layer."
+            )
+        if not self.extract_layers:
+            raise VIFConfigError("VIFConfig needs at least one (extract_layers, inject_layers) pair.")
+        if len(set(self.inject_layers)) != len(self.inject_layers):
+            raise VIFConfigError(f"inject_layers {self.inject_layers} repeats a layer; each layer injects once.")
+        for e, d in zip(self.extract_layers, self.inject_layers):
+            if min(e, d) < 0:
+                raise VIFConfigError(f"layer pair ({e} -> {d}) has a negative index; layers are 0-based.")
+            if e >= d:
+                raise VIFConfigError(
+                    f"extraction layer {e} is not before its injection layer {d}: the map must be "
+                    "computed before the layer that uses it (need extract < inject)."
+                )
+        if num_layers is not None:
+            bad = [i for i in self.extract_layers + self.inject_layers if i >= num_layers]
+            if bad:
+                raise VIFConfigError(
+                    f"layer indices {bad} are out of range for a language model with {num_layers} decoder "
+                    f"layers (valid: 0..{num_layers - 1}). Use VIFConfig.preset(name, model) to scale the "
+                    "paper's pairs to this depth, or pass explicit lists."
+                )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise VIFConfigError(f"alpha={self.alpha} is outside [0, 1]; it is a mixing weight.")
+        for name in ("latent_size", "num_encoder_layers", "num_heads", "ffn_size", "num_components"):
+            if getattr(self, name) < 1:
+                raise VIFConfigError(f"VIFConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.latent_size % self.num_heads:
+            raise VIFConfigError(
+                f"latent_size={self.latent_size} is not divisible by num_heads={self.num_heads}."
+            )
+        if self.min_sigma <= 0:
+            raise VIFConfigError(f"min_sigma must be > 0, got {self.min_sigma}.")
+        for name in ("kl_weight", "sparsity_weight", "entropy_weight", "volume_weight"):
+            if getattr(self, name) < 0:
+                raise VIFConfigError(f"VIFConfig.{name} must be >= 0, got {getattr(self, name)}.")
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.extract_layers, self.inject_layers))
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VIFConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise VIFConfigError(f"unknown VIFConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VIFConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> VIFConfig:
+        path = Path(directory)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}; is this a directory written by save_pretrained?")
+        return cls.from_json(path.read_text())
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, model_or_config: Any, **overrides: Any) -> VIFConfig:
+        """A named recipe sized for a backbone.
+
+        * ``"paper"``: the released recipe (section 4): latent width = LLM hidden size,
+          FFN 4x, 3 encoder blocks, 4 heads, K = 16, the paper's layer pairs scaled to
+          the model's depth.
+        * ``"compact"``: this project's small module: latent width = D / 4 (at least
+          32), FFN 4x latent, 2 encoder blocks, 8 heads (fewer if the width is small),
+          K = 16, same layer pairs. On LLaVA-1.5-7B it has 133 M parameters
+          (3.9 % of the paper preset's 3.42 B) - see docs/presets.md.
+
+        ``model_or_config`` is a transformers model or config (only its text config's
+        ``hidden_size`` and ``num_hidden_layers`` are read). ``overrides`` replace fields.
+        """
+        hidden, depth = _text_dims(model_or_config)
+        extract, inject = scaled_paper_pairs(depth)
+        if name == "paper":
+            values = dict(
+                latent_size=hidden, ffn_size=4 * hidden, num_encoder_layers=3, num_heads=4, num_components=16
+            )
+        elif name == "compact":
+            latent = max(32, hidden // 4)
+            heads = 8 if latent % 8 == 0 and latent >= 256 else 4
+            values = dict(
+                latent_size=latent, ffn_size=4 * latent, num_encoder_layers=2, num_heads=heads, num_components=16
+            )
+        else:
+            raise VIFConfigError(f"unknown preset {name!r}; known presets: 'paper', 'compact'.")
+        values.update(hidden_size=hidden, extract_layers=extract, inject_layers=inject)
+        values.update(overrides)
+        config = cls(**values)
+        config.validate(num_layers=depth)
+        return config
+
+
+def scaled_paper_pairs(depth: int) -> tuple[list[int], list[int]]:
+    """The paper's pairs (11,13,15,17) -> (25,27,29,31) for 32 layers, scaled to ``depth``.
+
+    Each index keeps its distance from the *end* of the network in proportion to depth
+    (injection layers end at the last layer, as in the paper), and indices are made
+    distinct and strictly ordered. For depth 32 this is the paper's default; for
+    Qwen2.5-7B's 28 layers it gives (9, 11, 13, 14) -> (21, 23, 25, 27).
+    """
+    if depth < 4:
+        raise VIFConfigError(f"a language model with {depth} layers is too shallow for VIF's default pairs.")
+
+    def scale(i: int) -> int:
+        from_end = PAPER_DEPTH - 1 - i
+        return depth - 1 - round(from_end * depth / PAPER_DEPTH)
+
+    extract = [scale(i) for i in PAPER_EXTRACT_LAYERS]
+    inject = [scale(i) for i in PAPER_INJECT_LAYERS]
+    # In shallow models rounding can merge neighbours; keep injection layers distinct
+    # (extraction layers may repeat - the attender simply runs twice on one layer).
+    for k in range(len(inject) - 2, -1, -1):
+        inject[k] = min(inject[k], inject[k + 1] - 1)
+    for k in range(len(extract)):
+        extract[k] = max(0, min(extract[k], inject[k] - 1))
+    return extract, inject
+
+
+def _text_dims(model_or_config: Any) -> tuple[int, int]:
+    config = getattr(model_or_config, "config", model_or_config)
+    text = getattr(config, "text_config", None) or config
+    try:
+        return int(text.hidden_size), int(text.num_hidden_layers)
+    except AttributeError as err:
+        raise VIFConfigError(
+            f"cannot read hidden_size / num_hidden_layers from {type(config).__name__}; pass a transformers "
+            "vision-language model or its config."
+        ) from err

@@ -1,0 +1,217 @@
+"""Injecting the importance map into attention (spec section 6), one function per base backend.
+
+At an injection layer, for every injected query row ``i`` (non-vision text rows, or
+all rows for the Full-Seq ablation), with ``A`` the ordinary attention probabilities
+and ``pi~`` the importance map scattered onto the image-token columns:
+
+    A' = row_normalise(visible * ((1 - alpha) * A + alpha * pi~))
+
+Two ways to compute it:
+
+* :func:`fused_correction` - the exact closed form on top of any base backend's output
+  ``O = A V``::
+
+      O'_i = ((1 - alpha) O_i + alpha * sum_{j in V, j visible to i} pi_j V_j) / ((1 - alpha) + alpha m_i)
+
+  where ``m_i`` is the pi-mass visible to row ``i``. Image tokens are visible to a row
+  exactly when they precede it (they are never padding), so the visible sums are
+  prefix sums over the image tokens in sequence order: ``O(Nv x head_dim)`` work per
+  KV head, and no ``(q_len x kv_len)`` matrix.
+* :func:`materialised_attention` - the obviously correct reference that builds ``A``,
+  mixes, masks and renormalises it, and returns ``A'`` as the attention weights.
+
+The attention functions registered with transformers (``vif_sdpa``, ``vif_eager``) look
+up the :class:`InjectionPlan` for the calling layer on the attention module itself
+(attribute set by :class:`vif.VIFModel`), so two models in one process never share state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+PLAN_ATTRIBUTE = "_vif_plan_source"
+
+
+@dataclass
+class InjectionPlan:
+    """What one injected layer needs for one attention call.
+
+    pi: ``(B, Nv)`` float32 importance per image token, 0 on padding entries.
+    positions: ``(B, Nv)`` sequence (= kv-slot) index of each image token, ascending,
+        padding entries past every row.
+    rows: ``(B, q_len)`` sequence index of each query row.
+    inject: ``(B, q_len)`` bool, rows that receive the map.
+    alpha: mixing weight.
+    """
+
+    pi: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+    inject: torch.Tensor
+    alpha: float
+
+
+class PlanSource(Protocol):
+    """Implemented by the VIF runtime: the plan for a layer's call, or None to run the base."""
+
+    materialised: bool
+
+    def plan_for(self, layer_idx: int, q_len: int, kv_len: int) -> InjectionPlan | None: ...
+
+
+# --------------------------------------------------------------------------- the math
+def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan) -> torch.Tensor:
+    """Applies the closed form to a base backend's output.
+
+    Args:
+        out: ``(B, q_len, Hq, d)`` the base attention output ``O``.
+        value: ``(B, Hkv, kv_len, d)`` values after the cache update (GQA not expanded).
+        plan: the layer's :class:`InjectionPlan`.
+
+    Returns:
+        ``(B, q_len, Hq, d)`` in ``out``'s dtype; rows not injected are returned bit-exact.
+    """
+    batch, hkv, kv_len, dim = value.shape
+    q_len, hq = out.shape[1], out.shape[2]
+    pi, alpha = plan.pi, plan.alpha
+    n_vis = pi.shape[1]
+    index = plan.positions.clamp(max=kv_len - 1)  # padding entries carry pi = 0
+    v_vis = value.gather(2, index[:, None, :, None].expand(batch, hkv, n_vis, dim)).float()
+
+    if q_len == 1:
+        # Decoding: one row, sum over the image tokens it can see.
+        visible_pi = pi * (plan.positions <= plan.rows).float()  # (B, Nv)
+        mass = visible_pi.sum(-1, keepdim=True)  # (B, 1)
+        mixed_v = torch.einsum("bn,bhnd->bhd", visible_pi, v_vis)[:, :, None, :]  # (B, Hkv, 1, d)
+    else:
+        # Prefill: row i sees the image tokens at positions <= its own, a prefix of them.
+        seen = torch.searchsorted(plan.positions, plan.rows, right=True)  # (B, q) tokens visible
+        last = (seen - 1).clamp(min=0)
+        any_seen = (seen > 0).float()
+        mass = pi.cumsum(-1).gather(1, last) * any_seen  # (B, q)
+        prefix = (pi[:, None, :, None] * v_vis).cumsum(2)  # (B, Hkv, Nv, d)
+        mixed_v = prefix.gather(2, last[:, None, :, None].expand(batch, hkv, q_len, dim))
+        mixed_v = mixed_v * any_seen[:, None, :, None]  # (B, Hkv, q, d)
+
+    mixed_v = mixed_v.repeat_interleave(hq // hkv, dim=1).transpose(1, 2)  # (B, q, Hq, d)
+    denom = ((1.0 - alpha) + alpha * mass)[:, :, None, None]
+    new = ((1.0 - alpha) * out.float() + alpha * mixed_v) / denom
+    inject = (plan.inject & (mass > 0))[:, :, None, None]
+    return torch.where(inject, new.to(out.dtype), out)
+
+
+def visibility(
+    attention_mask: torch.Tensor | None, rows: torch.Tensor, kv_len: int
+) -> torch.Tensor:
+    """``(B or 1, 1, q_len, kv_len)`` bool: which key each query row may attend to."""
+    if attention_mask is None:
+        # transformers passes no mask when nothing is padded: plain causal.
+        return (torch.arange(kv_len, device=rows.device)[None, None, :] <= rows[:, :, None])[:, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive eager mask
+
+
+def materialised_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    plan: InjectionPlan,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference injection: builds ``A``, mixes in ``pi~``, masks and renormalises.
+
+    query ``(B, Hq, q, d)``, key/value ``(B, Hkv, kv, d)``. Returns the output
+    ``(B, q, Hq, d)`` and the injected probabilities ``A'`` ``(B, Hq, q, kv)``.
+    """
+    groups = query.shape[1] // key.shape[1]
+    kv_len = key.shape[2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = torch.matmul(query.float(), k.float().transpose(2, 3)) * scaling
+    visible = visibility(attention_mask, plan.rows, kv_len)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows that see nothing (fully padded)
+
+    pi_full = torch.zeros(query.shape[0], kv_len, device=query.device, dtype=torch.float32)
+    pi_full.scatter_add_(1, plan.positions.clamp(max=kv_len - 1), plan.pi)
+    mixed = (1.0 - plan.alpha) * probs + plan.alpha * pi_full[:, None, None, :]
+    mixed = mixed * visible
+    injected = mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    # Rows that see no image token have m_i = 0; renormalising returns A, but keep them exact.
+    sees_image = (pi_full[:, None, None, :] * visible).sum(-1) > 0  # (B, 1 or Hq, q)
+    use = plan.inject[:, None, :] & sees_image
+    weights = torch.where(use[..., None], injected, probs)
+    if dropout > 0.0 and module.training:
+        weights = torch.nn.functional.dropout(weights, p=dropout)
+    out = torch.matmul(weights, v.float()).transpose(1, 2).contiguous().to(query.dtype)
+    return out, weights.to(query.dtype)
+
+
+# --------------------------------------------------------------------------- backends
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+#: Base backends VIF can sit on, by transformers' name.
+BASE_BACKENDS: dict[str, tuple[AttentionFn, Callable[..., Any]]] = {
+    "sdpa": (sdpa_attention_forward, sdpa_mask),
+    "eager": (eager_attention_forward, eager_mask),
+}
+
+
+def vif_name(base: str) -> str:
+    # Never put "flash" in the name: transformers switches behaviour on that substring.
+    return f"vif_{base}"
+
+
+def _make_attention(base: str) -> AttentionFn:
+    base_fn = BASE_BACKENDS[base][0]
+
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        source: PlanSource | None = getattr(module, PLAN_ATTRIBUTE, None)
+        plan = None if source is None else source.plan_for(module.layer_idx, query.shape[2], key.shape[2])
+        if plan is None:
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        # An eager base builds the matrix anyway: use the reference, which also returns A'.
+        if source.materialised or base == "eager":
+            return materialised_attention(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                plan,
+                scaling=kwargs.get("scaling"),
+                dropout=kwargs.get("dropout", 0.0),
+            )
+        out, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
+        return fused_correction(out, value, plan), weights
+
+    attention.__name__ = f"{vif_name(base)}_attention_forward"
+    return attention
+
+
+def register_attention_functions() -> None:
+    """Registers ``vif_sdpa`` / ``vif_eager`` (+ their mask functions) with transformers. Idempotent."""
+    for base, (_, mask_fn) in BASE_BACKENDS.items():
+        name = vif_name(base)
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _make_attention(base))
+            AttentionMaskInterface.register(name, mask_fn)
