@@ -174,8 +174,8 @@ class VIFConfig:
           the model's depth.
         * ``"compact"``: this project's small module: latent width = D / 4 (at least
           32), FFN 4x latent, 2 encoder blocks, 8 heads (fewer if the width is small),
-          K = 16, same layer pairs. On LLaVA-1.5-7B it has 133 M parameters
-          (3.9 % of the paper preset's 3.42 B) - see docs/presets.md.
+          K = 16, same layer pairs. On LLaVA-1.5-7B it has 134 M parameters
+          (4.4 % of the paper preset) - see docs/presets.md.
 
         ``model_or_config`` is a transformers model or config (only its text config's
         ``hidden_size`` and ``num_hidden_layers`` are read). ``overrides`` replace fields.

@@ -107,5 +107,8 @@ def grid_coordinates(height: int, width: int, mode: str = "centers") -> torch.Te
 
 
 def entropy(pi: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of each row of ``pi`` ``(B, N)`` -> ``(B,)``; zeros contribute 0."""
-    return -torch.special.xlogy(pi, pi).sum(-1)
+    """Shannon entropy (nats) of each row of ``pi`` ``(B, N)`` -> ``(B,)``; zeros contribute 0.
+
+    The clamp keeps the gradient finite at exact zeros (xlogy's is -inf there).
+    """
+    return -(pi * pi.clamp_min(torch.finfo(pi.dtype).tiny).log()).sum(-1)

@@ -38,6 +38,10 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 PLAN_ATTRIBUTE = "_vif_plan_source"
+# An optional observer on an attention module, called as
+# probe(module, query, key, attention_mask, plan) on every call (plan None when not injecting);
+# used by the diagnostics to compute the attention rows they need without output_attentions.
+PROBE_ATTRIBUTE = "_vif_probe"
 
 
 @dataclass
@@ -81,21 +85,22 @@ def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan
     """
     batch, hkv, kv_len, dim = value.shape
     q_len, hq = out.shape[1], out.shape[2]
-    pi, alpha = plan.pi, plan.alpha
+    acc = torch.promote_types(out.dtype, torch.float32)  # accumulate half precision in fp32
+    pi, alpha = plan.pi.to(acc), plan.alpha
     n_vis = pi.shape[1]
     index = plan.positions.clamp(max=kv_len - 1)  # padding entries carry pi = 0
-    v_vis = value.gather(2, index[:, None, :, None].expand(batch, hkv, n_vis, dim)).float()
+    v_vis = value.gather(2, index[:, None, :, None].expand(batch, hkv, n_vis, dim)).to(acc)
 
     if q_len == 1:
         # Decoding: one row, sum over the image tokens it can see.
-        visible_pi = pi * (plan.positions <= plan.rows).float()  # (B, Nv)
+        visible_pi = pi * (plan.positions <= plan.rows).to(acc)  # (B, Nv)
         mass = visible_pi.sum(-1, keepdim=True)  # (B, 1)
         mixed_v = torch.einsum("bn,bhnd->bhd", visible_pi, v_vis)[:, :, None, :]  # (B, Hkv, 1, d)
     else:
         # Prefill: row i sees the image tokens at positions <= its own, a prefix of them.
         seen = torch.searchsorted(plan.positions, plan.rows, right=True)  # (B, q) tokens visible
         last = (seen - 1).clamp(min=0)
-        any_seen = (seen > 0).float()
+        any_seen = (seen > 0).to(acc)
         mass = pi.cumsum(-1).gather(1, last) * any_seen  # (B, q)
         prefix = (pi[:, None, :, None] * v_vis).cumsum(2)  # (B, Hkv, Nv, d)
         mixed_v = prefix.gather(2, last[:, None, :, None].expand(batch, hkv, q_len, dim))
@@ -103,7 +108,7 @@ def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan
 
     mixed_v = mixed_v.repeat_interleave(hq // hkv, dim=1).transpose(1, 2)  # (B, q, Hq, d)
     denom = ((1.0 - alpha) + alpha * mass)[:, :, None, None]
-    new = ((1.0 - alpha) * out.float() + alpha * mixed_v) / denom
+    new = ((1.0 - alpha) * out.to(acc) + alpha * mixed_v) / denom
     inject = (plan.inject & (mass > 0))[:, :, None, None]
     return torch.where(inject, new.to(out.dtype), out)
 
@@ -137,25 +142,26 @@ def materialised_attention(
     """
     groups = query.shape[1] // key.shape[1]
     kv_len = key.shape[2]
+    acc = torch.promote_types(query.dtype, torch.float32)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query.float(), k.float().transpose(2, 3)) * scaling
+    scores = torch.matmul(query.to(acc), k.to(acc).transpose(2, 3)) * scaling
     visible = visibility(attention_mask, plan.rows, kv_len)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows that see nothing (fully padded)
 
-    pi_full = torch.zeros(query.shape[0], kv_len, device=query.device, dtype=torch.float32)
-    pi_full.scatter_add_(1, plan.positions.clamp(max=kv_len - 1), plan.pi)
+    pi_full = torch.zeros(query.shape[0], kv_len, device=query.device, dtype=acc)
+    pi_full = pi_full.scatter_add(1, plan.positions.clamp(max=kv_len - 1), plan.pi.to(acc))
     mixed = (1.0 - plan.alpha) * probs + plan.alpha * pi_full[:, None, None, :]
     mixed = mixed * visible
-    injected = mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    injected = mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
     # Rows that see no image token have m_i = 0; renormalising returns A, but keep them exact.
     sees_image = (pi_full[:, None, None, :] * visible).sum(-1) > 0  # (B, 1 or Hq, q)
     use = plan.inject[:, None, :] & sees_image
     weights = torch.where(use[..., None], injected, probs)
     if dropout > 0.0 and module.training:
         weights = torch.nn.functional.dropout(weights, p=dropout)
-    out = torch.matmul(weights, v.float()).transpose(1, 2).contiguous().to(query.dtype)
+    out = torch.matmul(weights, v.to(acc)).transpose(1, 2).contiguous().to(query.dtype)
     return out, weights.to(query.dtype)
 
 
@@ -187,6 +193,9 @@ def _make_attention(base: str) -> AttentionFn:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         source: PlanSource | None = getattr(module, PLAN_ATTRIBUTE, None)
         plan = None if source is None else source.plan_for(module.layer_idx, query.shape[2], key.shape[2])
+        probe = getattr(module, PROBE_ATTRIBUTE, None)
+        if probe is not None:
+            probe(module, query, key, attention_mask, plan)
         if plan is None:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
         # An eager base builds the matrix anyway: use the reference, which also returns A'.

@@ -426,7 +426,9 @@ def _save_qwen(
     # patch 14, temporal patch 2, merge 2 as the real models: pixel_values rows are
     # 3 * 2 * 14 * 14 = 1176 wide and images are resized to multiples of 28 px.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    processor = processor_cls(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE
+    )
     processor.save_pretrained(out_dir)
     return out_dir
 
@@ -467,7 +469,9 @@ def build_tiny_qwen2_5_vl(
         window_size=56,  # 2 x 2 merged tokens per window: exercises windowed attention on tiny images
         fullatt_block_indexes=[vision_depth - 1],
     )
-    text = _qwen_text_kwargs(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, max_position_embeddings)
+    text = _qwen_text_kwargs(
+        tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, max_position_embeddings
+    )
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_token_ids(tokenizer))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -502,7 +506,9 @@ def build_tiny_qwen2_vl(
         spatial_merge_size=2,
         temporal_patch_size=2,
     )
-    text = _qwen_text_kwargs(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, max_position_embeddings)
+    text = _qwen_text_kwargs(
+        tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, max_position_embeddings
+    )
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_token_ids(tokenizer))
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
