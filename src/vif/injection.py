@@ -15,8 +15,8 @@ Two ways to compute it:
 
   where ``m_i`` is the pi-mass visible to row ``i``. Image tokens are visible to a row
   exactly when they precede it (they are never padding), so the visible sums are
-  prefix sums over the image tokens in sequence order: ``O(Nv x head_dim)`` work per
-  KV head, and no ``(q_len x kv_len)`` matrix.
+  prefix sums along the kv axis of ``pi_j V_j``: ``O(kv_len x head_dim)`` work per KV
+  head (one matrix-vector product when decoding), and no ``(q_len x kv_len)`` matrix.
 * :func:`materialised_attention` - the obviously correct reference that builds ``A``,
   mixes, masks and renormalises it, and returns ``A'`` as the attention weights.
 
@@ -78,7 +78,8 @@ def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan
     Args:
         out: ``(B, q_len, Hq, d)`` the base attention output ``O``.
         value: ``(B, Hkv, kv_len, d)`` values after the cache update (GQA not expanded).
-        plan: the layer's :class:`InjectionPlan`.
+        plan: the layer's :class:`InjectionPlan`; its rows must be the last ``q_len`` kv
+            slots (true for every call with a dynamic cache, prefill or decode).
 
     Returns:
         ``(B, q_len, Hq, d)`` in ``out``'s dtype; rows not injected are returned bit-exact.
@@ -86,25 +87,20 @@ def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan
     batch, hkv, kv_len, dim = value.shape
     q_len, hq = out.shape[1], out.shape[2]
     acc = torch.promote_types(out.dtype, torch.float32)  # accumulate half precision in fp32
-    pi, alpha = plan.pi.to(acc), plan.alpha
-    n_vis = pi.shape[1]
-    index = plan.positions.clamp(max=kv_len - 1)  # padding entries carry pi = 0
-    v_vis = value.gather(2, index[:, None, :, None].expand(batch, hkv, n_vis, dim)).to(acc)
+    alpha = plan.alpha
+    # pi spread over the kv slots (0 off the image); padding entries carry pi = 0.
+    pi_kv = torch.zeros(batch, kv_len, device=value.device, dtype=acc)
+    pi_kv = pi_kv.scatter_add(1, plan.positions.clamp(max=kv_len - 1), plan.pi.to(acc))
 
     if q_len == 1:
-        # Decoding: one row, sum over the image tokens it can see.
-        visible_pi = pi * (plan.positions <= plan.rows).to(acc)  # (B, Nv)
-        mass = visible_pi.sum(-1, keepdim=True)  # (B, 1)
-        mixed_v = torch.einsum("bn,bhnd->bhd", visible_pi, v_vis)[:, :, None, :]  # (B, Hkv, 1, d)
+        # Decoding: the new row sits after every cached token, so it sees the whole map.
+        mass = pi_kv.sum(-1, keepdim=True)  # (B, 1)
+        mixed_v = torch.matmul(pi_kv[:, None, None, :], value.to(acc))  # (B, Hkv, 1, d)
     else:
-        # Prefill: row i sees the image tokens at positions <= its own, a prefix of them.
-        seen = torch.searchsorted(plan.positions, plan.rows, right=True)  # (B, q) tokens visible
-        last = (seen - 1).clamp(min=0)
-        any_seen = (seen > 0).to(acc)
-        mass = pi.cumsum(-1).gather(1, last) * any_seen  # (B, q)
-        prefix = (pi[:, None, :, None] * v_vis).cumsum(2)  # (B, Hkv, Nv, d)
-        mixed_v = prefix.gather(2, last[:, None, :, None].expand(batch, hkv, q_len, dim))
-        mixed_v = mixed_v * any_seen[:, None, :, None]  # (B, Hkv, q, d)
+        # Prefill: row i (kv slot kv_len - q_len + i) sees the slots up to its own, so the
+        # pi-weighted value sums it needs are prefix sums along the kv axis.
+        mass = pi_kv.cumsum(-1)[:, kv_len - q_len :]  # (B, q)
+        mixed_v = (pi_kv[:, None, :, None] * value.to(acc)).cumsum(2)[:, :, kv_len - q_len :]
 
     mixed_v = mixed_v.repeat_interleave(hq // hkv, dim=1).transpose(1, 2)  # (B, q, Hq, d)
     denom = ((1.0 - alpha) + alpha * mass)[:, :, None, None]

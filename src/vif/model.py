@@ -94,6 +94,7 @@ class _Runtime:
         self.answer: torch.Tensor | None = None  # (B, L) bool, None without labels
         self.row_valid: torch.Tensor | None = None  # (B, total_len) bool
         self.reusing = False  # this call continues a sequence whose maps already exist
+        self.row_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per call
 
     @property
     def materialised(self) -> bool:
@@ -124,6 +125,7 @@ class _Runtime:
         if mask is None:
             mask = torch.ones(input_ids.shape[0], total_len, dtype=torch.bool, device=input_ids.device)
         self.row_valid = mask.bool()
+        self.row_plan = {}
 
         self.reusing = past_len > 0 or self.maps_frozen
         if self.reusing:
@@ -204,6 +206,14 @@ class _Runtime:
         layout = self.layout
         if layout.positions.shape[1] == 0:  # no image anywhere in the batch
             return None
+        if (q_len, kv_len) not in self.row_plan:  # the same for every injected layer of a call
+            self.row_plan[(q_len, kv_len)] = self.injected_rows(q_len, kv_len)
+        rows, inject = self.row_plan[(q_len, kv_len)]
+        return InjectionPlan(self.results[layer_idx].pi, layout.positions, rows, inject, config.alpha)
+
+    def injected_rows(self, q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query rows ``(B, q_len)`` (kv slots) of this call and which of them receive the map."""
+        config, layout = self.config, self.layout
         device = layout.positions.device
         rows = torch.arange(kv_len - q_len, kv_len, device=device)[None].repeat(layout.positions.shape[0], 1)
         row_valid = self.row_valid
@@ -215,7 +225,7 @@ class _Runtime:
             inject &= ~layout.token_mask(kv_len).gather(1, rows)
         if not config.inject_decode:
             inject &= rows < layout.seq_len
-        return InjectionPlan(self.results[layer_idx].pi, layout.positions, rows, inject, config.alpha)
+        return rows, inject
 
     # ---------------------------------------------------------------- losses
     def collect(self) -> VIFOutput:

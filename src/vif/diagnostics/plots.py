@@ -1,0 +1,248 @@
+"""Figures: per-layer ratio, violins, entropy, and heatmaps over the image (matplotlib, Agg).
+
+Every function takes ``runs``: a list of ``(Collection, summary)`` pairs drawn on the same
+axes - one for :func:`vif.diagnostics.diagnose`, base then VIF for
+:func:`vif.diagnostics.compare`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .collect import Collection  # noqa: E402
+from .stats import distribution, entropy, pooled_relative  # noqa: E402
+
+Run = tuple[Collection, dict]
+COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52")
+MAX_VIOLIN_POINTS = 20_000  # per layer and run; the KDE does not need more
+FLOOR = 1e-3  # violins are on log10(Nv * p): clip values that would be -inf
+
+
+def _injection_bands(ax: plt.Axes, runs: list[Run]) -> None:
+    """Shades the layers where any run's VIF injects."""
+    layers = sorted({d for collection, _ in runs for d in collection.injection_layers})
+    for i, d in enumerate(layers):
+        ax.axvspan(d - 0.5, d + 0.5, color="#DD8452", alpha=0.12, lw=0, label="VIF injection layer" if i == 0 else None)
+
+
+def _deep_band(ax: plt.Axes, runs: list[Run]) -> None:
+    num_layers = runs[0][0].num_layers
+    ax.axvline(num_layers // 2 - 0.5, color="0.5", ls=":", lw=1)
+
+
+def _layer_axis(ax: plt.Axes, runs: list[Run]) -> None:
+    num_layers = runs[0][0].num_layers
+    step = max(1, math.ceil(num_layers / 16))
+    ax.set_xticks(range(0, num_layers, step))
+    ax.set_xlim(-0.7, num_layers - 0.3)
+    ax.set_xlabel("decoder layer")
+    ax.grid(alpha=0.3)
+
+
+def _title(runs: list[Run], what: str) -> str:
+    rows = runs[0][1]["rows"]
+    n = runs[0][1]["n_samples"]
+    return f"{what}  ({n} samples, rows: {rows})"
+
+
+def plot_ratio(runs: list[Run], path: Path) -> Path:
+    """Visual attention ratio per layer: mean over samples, band = +- one standard deviation."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (_, summary) in enumerate(runs):
+        rows = summary["per_layer"]
+        x = np.array([r["layer"] for r in rows])
+        y = np.array([r["ratio"] for r in rows])
+        sd = np.array([r["ratio_std"] for r in rows])
+        ax.plot(x, y, "o-", color=COLORS[i], label=f"{summary['label']} (deep mean {summary['deep_ratio']:.3f})", ms=4)
+        ax.fill_between(x, y - sd, y + sd, color=COLORS[i], alpha=0.2, lw=0)
+    _injection_bands(ax, runs)
+    _layer_axis(ax, runs)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("attention mass on image tokens")
+    ax.set_title(_title(runs, "Visual attention ratio"))
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_entropy(runs: list[Run], path: Path) -> Path:
+    """Entropy of the renormalised visual attention per layer; dashed: ln Nv (uniform)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (_, summary) in enumerate(runs):
+        rows = summary["per_layer"]
+        x = np.array([r["layer"] for r in rows])
+        y = np.array([r["entropy"] for r in rows])
+        sd = np.array([r["entropy_std"] for r in rows])
+        label = f"{summary['label']} (deep-layer mean {summary['deep_entropy']:.2f} nats)"
+        ax.plot(x, y, "o-", color=COLORS[i], label=label, ms=4)
+        ax.fill_between(x, y - sd, y + sd, color=COLORS[i], alpha=0.2, lw=0)
+    top = runs[0][1]["max_entropy"]
+    ax.axhline(top, color="k", ls="--", lw=1, label=f"uniform: ln Nv = {top:.2f}")
+    _injection_bands(ax, runs)
+    _deep_band(ax, runs)
+    _layer_axis(ax, runs)
+    ax.set_ylim(0, top * 1.08)
+    ax.set_ylabel("entropy (nats)")
+    ax.set_title(_title(runs, "Entropy of the visual attention distribution"))
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_violin(runs: list[Run], path: Path) -> Path:
+    """Per layer, the distribution of ``Nv * p_j`` over all image tokens of all samples (log10).
+
+    ``Nv * p_j`` is each token's share relative to uniform attention: 0 on the axis means
+    "as much as a uniform spread would give", +1 ten times more. A visually attenuated layer
+    is a narrow violin around 0; a focused one is wide, with a long upper tail.
+    """
+    num_layers = runs[0][0].num_layers
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * num_layers * len(runs)), 4.5))
+    width = 0.8 / len(runs)
+    rng = np.random.default_rng(0)
+    for i, (collection, summary) in enumerate(runs):
+        data, positions = [], []
+        for pos, layer in enumerate(collection.layers):
+            values = pooled_relative(collection, pos)
+            if values.size > MAX_VIOLIN_POINTS:
+                values = rng.choice(values, MAX_VIOLIN_POINTS, replace=False)
+            data.append(np.log10(np.maximum(values, FLOOR)))
+            positions.append(layer + (i - (len(runs) - 1) / 2) * width)
+        parts = ax.violinplot(data, positions, widths=width * 0.95, showmedians=True, showextrema=False)
+        for body in parts["bodies"]:
+            body.set_facecolor(COLORS[i])
+            body.set_edgecolor(COLORS[i])
+            body.set_alpha(0.6)
+        parts["cmedians"].set_color("k")
+        ax.plot([], [], color=COLORS[i], lw=8, alpha=0.6, label=summary["label"])
+    ax.axhline(0, color="k", ls="--", lw=1, label="uniform")
+    _injection_bands(ax, runs)
+    _layer_axis(ax, runs)
+    ax.set_ylabel("log10(Nv x attention share)")
+    ax.set_title(_title(runs, "Visual attention distribution (renormalised over image tokens)"))
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def default_heatmap_layers(collection: Collection) -> list[int]:
+    """Quarter, half, three quarters and the last layer, plus VIF's injection layers."""
+    n = collection.num_layers
+    wanted = {n // 4, n // 2, (3 * n) // 4, n - 1, *collection.injection_layers}
+    return sorted(wanted & set(collection.layers))
+
+
+def _split(values: np.ndarray, grids: list[tuple[int, int]]) -> list[np.ndarray]:
+    """A sample's ``(Nv,)`` values -> one ``(rows, cols)`` map per image (row-major tokens)."""
+    maps, start = [], 0
+    for h, w in grids:
+        maps.append(values[start : start + h * w].reshape(h, w))
+        start += h * w
+    return maps
+
+
+def _overlay(ax: plt.Axes, picture: np.ndarray | None, heat: np.ndarray | None, shape: tuple[int, int]) -> None:
+    """The picture with ``heat`` (a token grid) stretched over it, bilinearly interpolated."""
+    if picture is None:
+        height, width = shape[0] * 16, shape[1] * 16
+        ax.imshow(np.full((height, width, 3), 0.85))
+    else:
+        height, width = picture.shape[:2]
+        ax.imshow(picture)
+    if heat is not None:
+        # vmin 0, vmax the map's own peak: a flat (attenuated) map looks flat, not noisy.
+        ax.imshow(
+            heat,
+            cmap="jet",
+            alpha=0.5,
+            extent=(0, width, height, 0),
+            interpolation="bilinear",
+            vmin=0.0,
+            vmax=float(heat.max()) or 1.0,
+        )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = None) -> list[dict]:
+    """One figure per kept sample and image: the picture, then per layer the attention heatmap.
+
+    Rows: each run's attention; for a run with VIF, a row with its importance map pi under
+    the injection layers. Returns ``[{"path", "sample", "image", "meta"}]`` for the report.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = runs[0][0]
+    layers = default_heatmap_layers(first) if layers is None else [d for d in layers if d in first.layers]
+    row_specs = []  # (title, run index, kind)
+    for i, (collection, summary) in enumerate(runs):
+        row_specs.append((f"{summary['label']}: attention", i, "attention"))
+        if collection.injection_layers:
+            row_specs.append((f"{summary['label']}: VIF importance", i, "importance"))
+    n_keep = min(sum(r.images is not None for r in c.records) for c, _ in runs)
+    written = []
+    for s in range(n_keep):
+        records = [c.records[s] for c, _ in runs]
+        grids = records[0].grids
+        for j, (h, w) in enumerate(grids):
+            picture = records[0].images[j] if records[0].images else None
+            ncols = len(layers) + 1
+            fig, axes = plt.subplots(
+                len(row_specs), ncols, figsize=(2.1 * ncols, 2.3 * len(row_specs)), squeeze=False
+            )
+            for r, (title, i, kind) in enumerate(row_specs):
+                collection, record = runs[i][0], records[i]
+                _overlay(axes[r, 0], picture, None, (h, w))
+                axes[r, 0].set_title("image" if r == 0 else "", fontsize=8)
+                axes[r, 0].set_ylabel(title, fontsize=8)
+                for c, layer in enumerate(layers, start=1):
+                    ax = axes[r, c]
+                    if kind == "attention":
+                        pos = collection.layers.index(layer)
+                        p = distribution(record, pos)
+                        label = f"layer {layer}\nH={entropy(p):.2f} r={record.visual[pos].sum():.2f}"
+                    elif layer in record.importance:
+                        p = record.importance[layer]
+                        label = f"pi, layer {layer}\nH={entropy(p):.2f}"
+                    else:
+                        ax.axis("off")
+                        continue
+                    heat = _split(p, grids)[j]
+                    _overlay(ax, picture, heat, (h, w))
+                    ax.set_title(label, fontsize=7)
+            caption = _caption(records[0].meta, j, len(grids))
+            fig.suptitle(caption, fontsize=8)
+            fig.tight_layout()
+            name = f"sample{s:03d}_image{j}.png"
+            _save(fig, out_dir / name)
+            written.append({"path": name, "sample": s, "image": j, "meta": records[0].meta, "runs": [
+                {"label": runs[i][1]["label"], "generated": records[i].meta.get("generated")} for i in range(len(runs))
+            ]})
+    return written
+
+
+def _caption(meta: dict, image: int, n_images: int) -> str:
+    parts = [f"sample {meta.get('id', '?')}"]
+    if n_images > 1:
+        parts.append(f"image {image + 1}/{n_images}")
+    if meta.get("question"):
+        parts.append(f"Q: {_short(meta['question'])}")
+    if meta.get("answer"):
+        parts.append(f"A: {_short(meta['answer'])}")
+    return " | ".join(parts)
+
+
+def _short(text: str, n: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
