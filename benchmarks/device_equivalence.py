@@ -47,7 +47,9 @@ def check(device: str, dtype: torch.dtype) -> dict:
         vmodel.zero_grad()
         torch.manual_seed(0)
         vmodel(**batch).loss.float().backward()
-        grads[path] = torch.cat([p.grad.flatten().float() for p in vmodel.vif_module.parameters() if p.grad is not None])
+        grads[path] = torch.cat(
+            [p.grad.flatten().float() for p in vmodel.vif_module.parameters() if p.grad is not None]
+        )
     scale = grads["materialised"].abs().max().item()
     result["grad_max_abs_diff_relative"] = (grads["fused"] - grads["materialised"]).abs().max().item() / scale
     vmodel.eval()

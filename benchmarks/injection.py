@@ -89,7 +89,11 @@ def model_worker(route: str, args: argparse.Namespace) -> dict:
     gen = dict(do_sample=False, pad_token_id=0, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     with torch.no_grad():
         prefill = timed(lambda: runner(**batch), args.device, args.repeats)
-        one = timed(lambda: runner.generate(**batch, **{**gen, "min_new_tokens": 1, "max_new_tokens": 1}), args.device, args.repeats)
+        one = timed(
+            lambda: runner.generate(**batch, **{**gen, "min_new_tokens": 1, "max_new_tokens": 1}),
+            args.device,
+            args.repeats,
+        )
         full = timed(lambda: runner.generate(**batch, **gen), args.device, args.repeats)
     return {
         "prefill_ms": prefill,
@@ -128,7 +132,11 @@ def attention_worker(route: str, args: argparse.Namespace) -> dict:
         return InjectionPlan(pi, positions, rows, inject, 0.5)
 
     def call(q_len: int):
-        query, key, value = rand(batch, heads, q_len, dim), rand(batch, heads, seq, dim), rand(batch, heads, seq, dim)
+        query, key, value = (
+            rand(batch, heads, q_len, dim),
+            rand(batch, heads, seq, dim),
+            rand(batch, heads, seq, dim),
+        )
         plan = plan_for(q_len, seq)
         if route == "base":
             return lambda: sdpa_attention_forward(module, query, key, value, None, scaling=dim**-0.5)
@@ -143,7 +151,12 @@ def attention_worker(route: str, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         prefill = timed(call(seq), args.device, args.repeats)
         decode = timed(call(1), args.device, args.repeats * 5)
-    return {"prefill_ms": prefill, "decode_ms": decode, "peak_mb": peak_memory_mb(args.device), "seq_len": seq}
+    return {
+        "prefill_ms": prefill,
+        "decode_ms": decode,
+        "peak_mb": peak_memory_mb(args.device),
+        "seq_len": seq,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -156,7 +169,9 @@ def run_isolated(part: str, route: str, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--hidden", type=int, default=512, help="LLM width of the scaled-down model")
@@ -182,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, dict]] = {"model": {}, "attention": {}}
     from tqdm import tqdm
 
-    jobs = [(part, route) for part in results for route in ROUTES if (part, route) != ("attention", "attender")]
+    jobs = [
+        (part, route) for part in results for route in ROUTES if (part, route) != ("attention", "attender")
+    ]
     for part, route in tqdm(jobs, desc="benchmark", unit="run"):
         results[part][route] = run_isolated(part, route, forwarded)
 
@@ -206,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['peak_mb']:>10.0f}{ratio('model', 'peak_mb', route):>7.2f}"
         )
     a = results["attention"]
-    print(f"\nattention alone: LLaVA-1.5-7B layer shapes (32 x 128), prompt {args.seq} incl. 576 image tokens")
+    print(
+        f"\nattention alone: LLaVA-1.5-7B layer shapes (32 x 128), prompt {args.seq} incl. 576 image tokens"
+    )
     print(f"{'route':<14}{'prefill ms':>12}{'x':>7}{'decode ms':>12}{'x':>7}{'peak MB':>10}{'x':>7}")
     for route in ("base", "fused", "materialised"):
         r = a[route]

@@ -10,7 +10,9 @@ from vif.config import scaled_paper_pairs
 
 
 def llava_7b_config() -> LlavaConfig:
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    text = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+    )
     return LlavaConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14), text_config=text)
 
 
@@ -72,7 +74,12 @@ def test_paper_preset_matches_the_released_recipe_size():
     (docs/presets.md), counted here on the meta device.
     """
     config = vif.VIFConfig.preset("paper", llava_7b_config())
-    assert (config.latent_size, config.ffn_size, config.num_encoder_layers, config.num_heads) == (4096, 16384, 3, 4)
+    assert (config.latent_size, config.ffn_size, config.num_encoder_layers, config.num_heads) == (
+        4096,
+        16384,
+        3,
+        4,
+    )
     assert config.pairs == [(11, 25), (13, 27), (15, 29), (17, 31)]
     with torch.device("meta"):
         module = ProbabilisticAttender(config)

@@ -71,7 +71,9 @@ def test_decode_row_equals_last_prefill_row():
     query, key, value, positions, pi, rows, inject = random_case()
     module = FakeAttention(2)
     plan = InjectionPlan(pi, positions, rows, inject, 0.5)
-    full = fused_correction(sdpa_attention_forward(module, query, key, value, None, scaling=0.3)[0], value, plan)
+    full = fused_correction(
+        sdpa_attention_forward(module, query, key, value, None, scaling=0.3)[0], value, plan
+    )
     plan1 = InjectionPlan(pi, positions, rows[:, -1:], inject[:, -1:], 0.5)
     q1 = query[:, :, -1:]
     one = fused_correction(sdpa_attention_forward(module, q1, key, value, None, scaling=0.3)[0], value, plan1)

@@ -118,7 +118,9 @@ def test_inject_decode_option_changes_only_generated_rows():
     model = tiny_llava()
     batch = llava_batch(model, MIXED[:1])
     vmodel = vif.attach(model, paper(model))
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+    )
     with_decode = vmodel.generate(**batch, **kwargs)
     vmodel.config_vif.inject_decode = False
     prefill_only = vmodel.generate(**batch, **kwargs)
@@ -134,7 +136,10 @@ def test_save_and_load_reproduce_logits(tmp_path):
     with torch.no_grad():
         before = vmodel(**batch).logits
     vmodel.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["vif_config.json", "vif_module.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "vif_config.json",
+        "vif_module.safetensors",
+    ]
     vmodel.detach()
     loaded = vif.VIFModel.from_pretrained(tiny_llava(), tmp_path / "adapter")
     with torch.no_grad():
@@ -241,7 +246,9 @@ def test_config_errors_against_the_backbone():
 def test_unknown_model_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=50))
+    llm = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
+    )
     with pytest.raises(vif.BackboneError, match="does not know the model type 'llama'"):
         vif.attach(llm, vif.VIFConfig(hidden_size=32, extract_layers=[0], inject_layers=[1]))
 

@@ -1,7 +1,7 @@
 """vif: Variational Information Flow for multimodal LLMs on Hugging Face transformers.
 
-    import vif
-    vmodel = vif.attach(model, vif.VIFConfig.preset("paper", model))
+import vif
+vmodel = vif.attach(model, vif.VIFConfig.preset("paper", model))
 """
 
 from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbone, register_backbone

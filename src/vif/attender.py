@@ -154,7 +154,9 @@ class ProbabilisticAttender(nn.Module):
     def __init__(self, config: VIFConfig) -> None:
         super().__init__()
         if config.hidden_size is None:
-            raise ValueError("VIFConfig.hidden_size is unset; build the config with VIFConfig.preset(name, model).")
+            raise ValueError(
+                "VIFConfig.hidden_size is unset; build the config with VIFConfig.preset(name, model)."
+            )
         self.config = config
         dz = config.latent_size
         self.prior = Branch(config)

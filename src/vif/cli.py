@@ -16,7 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vif", description="Variational Information Flow for multimodal LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="vif", description="Variational Information Flow for multimodal LLMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():

@@ -94,7 +94,9 @@ class VIFConfig:
         if not self.extract_layers:
             raise VIFConfigError("VIFConfig needs at least one (extract_layers, inject_layers) pair.")
         if len(set(self.inject_layers)) != len(self.inject_layers):
-            raise VIFConfigError(f"inject_layers {self.inject_layers} repeats a layer; each layer injects once.")
+            raise VIFConfigError(
+                f"inject_layers {self.inject_layers} repeats a layer; each layer injects once."
+            )
         for e, d in zip(self.extract_layers, self.inject_layers):
             if min(e, d) < 0:
                 raise VIFConfigError(f"layer pair ({e} -> {d}) has a negative index; layers are 0-based.")
@@ -161,7 +163,9 @@ class VIFConfig:
         if path.is_dir():
             path = path / CONFIG_NAME
         if not path.exists():
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}; is this a directory written by save_pretrained?")
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} at {path}; is this a directory written by save_pretrained?"
+            )
         return cls.from_json(path.read_text())
 
     # ------------------------------------------------------------------ presets
@@ -190,7 +194,11 @@ class VIFConfig:
             latent = max(32, hidden // 4)
             heads = 8 if latent % 8 == 0 and latent >= 256 else 4
             values = dict(
-                latent_size=latent, ffn_size=4 * latent, num_encoder_layers=2, num_heads=heads, num_components=16
+                latent_size=latent,
+                ffn_size=4 * latent,
+                num_encoder_layers=2,
+                num_heads=heads,
+                num_components=16,
             )
         else:
             raise VIFConfigError(f"unknown preset {name!r}; known presets: 'paper', 'compact'.")

@@ -109,9 +109,7 @@ def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan
     return torch.where(inject, new.to(out.dtype), out)
 
 
-def visibility(
-    attention_mask: torch.Tensor | None, rows: torch.Tensor, kv_len: int
-) -> torch.Tensor:
+def visibility(attention_mask: torch.Tensor | None, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
     """``(B or 1, 1, q_len, kv_len)`` bool: which key each query row may attend to."""
     if attention_mask is None:
         # transformers passes no mask when nothing is padded: plain causal.

@@ -32,7 +32,7 @@ from .attender import Latent, ProbabilisticAttender, gaussian_kl
 from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbone
 from .config import CONFIG_NAME, VIFConfig, VIFConfigError
 from .gmm import Mixture, entropy, render
-from .injection import PLAN_ATTRIBUTE, BASE_BACKENDS, InjectionPlan, register_attention_functions, vif_name
+from .injection import BASE_BACKENDS, PLAN_ATTRIBUTE, InjectionPlan, register_attention_functions, vif_name
 
 WEIGHTS_NAME = "vif_module.safetensors"
 IGNORE_INDEX = -100
@@ -271,7 +271,9 @@ class VIFModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: VIFConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if getattr(base_model, "_vif_attached", False):
-            raise VIFConfigError("this model already has VIF attached; detach() it first or attach to a fresh copy.")
+            raise VIFConfigError(
+                "this model already has VIF attached; detach() it first or attach to a fresh copy."
+            )
         self.backbone: BackboneAdapter = get_backbone(base_model)
         text_config = self.backbone.text_config()
         hidden, depth = int(text_config.hidden_size), int(text_config.num_hidden_layers)
@@ -285,7 +287,9 @@ class VIFModel(nn.Module):
         config.validate(num_layers=depth)
         base_attn = text_config._attn_implementation or "eager"
         if base_attn.startswith("vif_"):
-            raise VIFConfigError("the model's attention is already a VIF backend; detach the other VIFModel first.")
+            raise VIFConfigError(
+                "the model's attention is already a VIF backend; detach the other VIFModel first."
+            )
         if base_attn not in BASE_BACKENDS:
             raise VIFConfigError(
                 f"VIF runs on the attention backends {sorted(BASE_BACKENDS)}, but the language model uses "
@@ -435,7 +439,9 @@ class VIFModel(nn.Module):
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.exists():
-            raise VIFLoadError(f"{config_path} does not exist; point from_pretrained at a save_pretrained directory.")
+            raise VIFLoadError(
+                f"{config_path} does not exist; point from_pretrained at a save_pretrained directory."
+            )
         data = json.loads(config_path.read_text())
         saved_for = data.pop("base_model", {})
         config = VIFConfig.from_dict({**data, **overrides})

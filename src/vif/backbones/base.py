@@ -55,7 +55,9 @@ class VisionLayout:
     def token_mask(self, length: int | None = None) -> torch.Tensor:
         """``(B, length)`` bool, True at image-token positions (length defaults to ``seq_len``)."""
         length = self.seq_len if length is None else length
-        mask = torch.zeros(self.positions.shape[0], length + 1, dtype=torch.bool, device=self.positions.device)
+        mask = torch.zeros(
+            self.positions.shape[0], length + 1, dtype=torch.bool, device=self.positions.device
+        )
         mask.scatter_(1, self.positions.clamp(max=length), self.valid)
         return mask[:, :length]
 

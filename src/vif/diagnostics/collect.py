@@ -158,7 +158,9 @@ class _Runner:
             self.probe.expect_steps(layout)
             sequences = self.model.generate(**batch, **kwargs)
             n_steps = len(self.probe.steps[self.layers[0]])
-            steps = [torch.stack([self.probe.steps[layer][k] for layer in self.layers], 1) for k in range(n_steps)]
+            steps = [
+                torch.stack([self.probe.steps[layer][k] for layer in self.layers], 1) for k in range(n_steps)
+            ]
             importance = self.probe.importance
         else:
             out = self.model.generate(**batch, **kwargs, output_attentions=True, return_dict_in_generate=True)
@@ -222,7 +224,9 @@ def collect(
                 f'route="attentions" reads output_attentions, which needs eager attention; the model uses {attn!r}.'
             )
     injection_layers, alpha = vif_settings(model)
-    collection = Collection(label, layers, num_layers, rows, route, injection_layers=injection_layers, alpha=alpha)
+    collection = Collection(
+        label, layers, num_layers, rows, route, injection_layers=injection_layers, alpha=alpha
+    )
     runner = _Runner(model, layers, route, max_new_tokens)
     device = next(base.parameters()).device
     mean, std = image_mean or CLIP_MEAN, image_std or CLIP_STD
@@ -259,7 +263,10 @@ def collect(
                 means = (sums / counts.to(sums)[:, None, None]).cpu().numpy()  # (B, n, Nv)
                 pictures = _pictures(batch, layout, mean, std)
                 for b, meta in enumerate(metas):
-                    if max_samples is not None and len(collection.records) + collection.skipped >= max_samples:
+                    if (
+                        max_samples is not None
+                        and len(collection.records) + collection.skipped >= max_samples
+                    ):
                         break
                     bar.update(1)
                     n_vis = int(layout.valid[b].sum())
@@ -277,7 +284,9 @@ def collect(
                             visual=means[b, :, :n_vis].astype(np.float32),
                             grids=list(layout.grids[b]),
                             n_rows=int(counts[b]),
-                            importance={d: pi[b, :n_vis].float().cpu().numpy() for d, pi in importance.items()},
+                            importance={
+                                d: pi[b, :n_vis].float().cpu().numpy() for d, pi in importance.items()
+                            },
                             images=pictures[b] if keep else None,
                             meta=meta,
                         )

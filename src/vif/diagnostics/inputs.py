@@ -96,17 +96,21 @@ def iter_batches(
             raise ValueError("reading a LLaVA-format file needs the model's processor (processor=...).")
         dataset = LlavaFormatDataset(samples, image_folder, processor)
         metas = [
-            {"id": sample_id, "question": _text_of(messages, "user"), "answer": _text_of(messages, "assistant")}
+            {
+                "id": sample_id,
+                "question": _text_of(messages, "user"),
+                "answer": _text_of(messages, "assistant"),
+            }
             for sample_id, messages, _ in dataset.samples
         ]
-        yield from _collated(
-            (dataset[i] for i in range(len(dataset))), iter(metas), processor, batch_size
-        )
+        yield from _collated((dataset[i] for i in range(len(dataset))), iter(metas), processor, batch_size)
         return
 
     if isinstance(samples, (list, tuple)) and samples and _is_pil_sample(samples[0]):
         if processor is None:
-            raise ValueError("(image, question[, answer]) samples need the model's processor (processor=...).")
+            raise ValueError(
+                "(image, question[, answer]) samples need the model's processor (processor=...)."
+            )
         items = (encode_pil_sample(processor, *sample) for sample in samples)
         metas = (
             {
@@ -133,7 +137,9 @@ def iter_batches(
     stream = _prepend(first, iterator)
     if first["input_ids"].dim() == 1:
         if processor is None:
-            raise ValueError("un-batched items (1-D input_ids) need the processor to be collated (processor=...).")
+            raise ValueError(
+                "un-batched items (1-D input_ids) need the processor to be collated (processor=...)."
+            )
         items = list(stream)
         metas = ({"id": str(item.get("id", i))} for i, item in enumerate(items))
         yield from _collated(iter(items), metas, processor, batch_size)
@@ -185,7 +191,9 @@ def prompt_only(batch: Batch, pad_id: int) -> Batch:
     keep = mask.bool() & (order < first_answer[:, None])  # (B, L) prompt tokens
     new_len = int(keep.sum(-1).max())
     for key, value in batch.items():
-        if key == "labels" or not (isinstance(value, torch.Tensor) and value.shape[:2] == (batch_size, length)):
+        if key == "labels" or not (
+            isinstance(value, torch.Tensor) and value.shape[:2] == (batch_size, length)
+        ):
             continue
         fill = pad_id if key == "input_ids" else 0
         packed = torch.full((batch_size, new_len), fill, dtype=value.dtype)

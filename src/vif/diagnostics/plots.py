@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -18,11 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .collect import Collection  # noqa: E402
-from .stats import distribution, entropy, pooled_relative  # noqa: E402
+from .stats import distribution, entropy  # noqa: E402
 
 Run = tuple[Collection, dict]
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52")
-MAX_VIOLIN_POINTS = 20_000  # per layer and run; the KDE does not need more
 FLOOR = 1e-3  # violins are on log10(Nv * p): clip values that would be -inf
 
 
@@ -30,7 +30,14 @@ def _injection_bands(ax: plt.Axes, runs: list[Run]) -> None:
     """Shades the layers where any run's VIF injects."""
     layers = sorted({d for collection, _ in runs for d in collection.injection_layers})
     for i, d in enumerate(layers):
-        ax.axvspan(d - 0.5, d + 0.5, color="#DD8452", alpha=0.12, lw=0, label="VIF injection layer" if i == 0 else None)
+        ax.axvspan(
+            d - 0.5,
+            d + 0.5,
+            color="#DD8452",
+            alpha=0.12,
+            lw=0,
+            label="VIF injection layer" if i == 0 else None,
+        )
 
 
 def _deep_band(ax: plt.Axes, runs: list[Run]) -> None:
@@ -61,7 +68,14 @@ def plot_ratio(runs: list[Run], path: Path) -> Path:
         x = np.array([r["layer"] for r in rows])
         y = np.array([r["ratio"] for r in rows])
         sd = np.array([r["ratio_std"] for r in rows])
-        ax.plot(x, y, "o-", color=COLORS[i], label=f"{summary['label']} (deep mean {summary['deep_ratio']:.3f})", ms=4)
+        ax.plot(
+            x,
+            y,
+            "o-",
+            color=COLORS[i],
+            label=f"{summary['label']} (deep mean {summary['deep_ratio']:.3f})",
+            ms=4,
+        )
         ax.fill_between(x, y - sd, y + sd, color=COLORS[i], alpha=0.2, lw=0)
     _injection_bands(ax, runs)
     _layer_axis(ax, runs)
@@ -95,24 +109,21 @@ def plot_entropy(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_violin(runs: list[Run], path: Path) -> Path:
+def plot_violin(runs: list[Run], values: list[dict[int, np.ndarray]], path: Path) -> Path:
     """Per layer, the distribution of ``Nv * p_j`` over all image tokens of all samples (log10).
 
     ``Nv * p_j`` is each token's share relative to uniform attention: 0 on the axis means
     "as much as a uniform spread would give", +1 ten times more. A visually attenuated layer
     is a narrow violin around 0; a focused one is wide, with a long upper tail.
+    ``values``: per run, :func:`~.stats.violin_values`.
     """
     num_layers = runs[0][0].num_layers
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * num_layers * len(runs)), 4.5))
     width = 0.8 / len(runs)
-    rng = np.random.default_rng(0)
     for i, (collection, summary) in enumerate(runs):
         data, positions = [], []
-        for pos, layer in enumerate(collection.layers):
-            values = pooled_relative(collection, pos)
-            if values.size > MAX_VIOLIN_POINTS:
-                values = rng.choice(values, MAX_VIOLIN_POINTS, replace=False)
-            data.append(np.log10(np.maximum(values, FLOOR)))
+        for layer in collection.layers:
+            data.append(np.log10(np.maximum(values[i][layer], FLOOR)))
             positions.append(layer + (i - (len(runs) - 1) / 2) * width)
         parts = ax.violinplot(data, positions, widths=width * 0.95, showmedians=True, showextrema=False)
         for body in parts["bodies"]:
@@ -130,11 +141,13 @@ def plot_violin(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
-def default_heatmap_layers(collection: Collection) -> list[int]:
+def default_heatmap_layers(runs: list[Run]) -> list[int]:
     """Quarter, half, three quarters and the last layer, plus VIF's injection layers."""
-    n = collection.num_layers
-    wanted = {n // 4, n // 2, (3 * n) // 4, n - 1, *collection.injection_layers}
-    return sorted(wanted & set(collection.layers))
+    first = runs[0][0]
+    n = first.num_layers
+    wanted = {n // 4, n // 2, (3 * n) // 4, n - 1}
+    wanted |= {d for collection, _ in runs for d in collection.injection_layers}
+    return sorted(wanted & set(first.layers))
 
 
 def _split(values: np.ndarray, grids: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -146,7 +159,13 @@ def _split(values: np.ndarray, grids: list[tuple[int, int]]) -> list[np.ndarray]
     return maps
 
 
-def _overlay(ax: plt.Axes, picture: np.ndarray | None, heat: np.ndarray | None, shape: tuple[int, int]) -> None:
+def _overlay(
+    ax: plt.Axes,
+    picture: np.ndarray | None,
+    heat: np.ndarray | None,
+    shape: tuple[int, int],
+    vmax: float = 1.0,
+) -> Any:
     """The picture with ``heat`` (a token grid) stretched over it, bilinearly interpolated."""
     if picture is None:
         height, width = shape[0] * 16, shape[1] * 16
@@ -154,30 +173,33 @@ def _overlay(ax: plt.Axes, picture: np.ndarray | None, heat: np.ndarray | None, 
     else:
         height, width = picture.shape[:2]
         ax.imshow(picture)
-    if heat is not None:
-        # vmin 0, vmax the map's own peak: a flat (attenuated) map looks flat, not noisy.
-        ax.imshow(
-            heat,
-            cmap="jet",
-            alpha=0.5,
-            extent=(0, width, height, 0),
-            interpolation="bilinear",
-            vmin=0.0,
-            vmax=float(heat.max()) or 1.0,
-        )
     ax.set_xticks([])
     ax.set_yticks([])
+    if heat is None:
+        return None
+    return ax.imshow(
+        heat,
+        cmap="jet",
+        alpha=0.5,
+        extent=(0, width, height, 0),
+        interpolation="bilinear",
+        vmin=0.0,
+        vmax=vmax,
+    )
 
 
 def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = None) -> list[dict]:
     """One figure per kept sample and image: the picture, then per layer the attention heatmap.
 
     Rows: each run's attention; for a run with VIF, a row with its importance map pi under
-    the injection layers. Returns ``[{"path", "sample", "image", "meta"}]`` for the report.
+    the injection layers. Every panel shows ``Nv * p`` (1 = the uniform share) on one
+    colour scale per figure, 0 to the figure's peak, so a flat (attenuated) map is
+    uniformly cool and a focused one shows a hot spot. Returns
+    ``[{"path", "sample", "image", "meta", "runs"}]`` for the report.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     first = runs[0][0]
-    layers = default_heatmap_layers(first) if layers is None else [d for d in layers if d in first.layers]
+    layers = default_heatmap_layers(runs) if layers is None else [d for d in layers if d in first.layers]
     row_specs = []  # (title, run index, kind)
     for i, (collection, summary) in enumerate(runs):
         row_specs.append((f"{summary['label']}: attention", i, "attention"))
@@ -188,40 +210,56 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
     for s in range(n_keep):
         records = [c.records[s] for c, _ in runs]
         grids = records[0].grids
+        n_vis = records[0].visual.shape[1]
+        # panels[(row, col)] = (Nv * p as one map per image, title)
+        panels: dict[tuple[int, int], tuple[list[np.ndarray], str]] = {}
+        for r, (_, i, kind) in enumerate(row_specs):
+            collection, record = runs[i][0], records[i]
+            for c, layer in enumerate(layers, start=1):
+                if kind == "attention":
+                    pos = collection.layers.index(layer)
+                    p = distribution(record, pos)
+                    title = f"layer {layer}\nH={entropy(p):.2f} r={record.visual[pos].sum():.2f}"
+                elif layer in record.importance:
+                    p = record.importance[layer]
+                    title = f"VIF pi, layer {layer}\nH={entropy(p):.2f}"
+                else:
+                    continue
+                panels[r, c] = (_split(p * n_vis, grids), title)
         for j, (h, w) in enumerate(grids):
             picture = records[0].images[j] if records[0].images else None
+            vmax = max([float(maps[j].max()) for maps, _ in panels.values()] + [1.0])
             ncols = len(layers) + 1
             fig, axes = plt.subplots(
-                len(row_specs), ncols, figsize=(2.1 * ncols, 2.3 * len(row_specs)), squeeze=False
+                len(row_specs), ncols, figsize=(2.1 * ncols + 0.6, 2.5 * len(row_specs)), squeeze=False
             )
-            for r, (title, i, kind) in enumerate(row_specs):
-                collection, record = runs[i][0], records[i]
+            mappable = None
+            for r, (row_title, _, _) in enumerate(row_specs):
                 _overlay(axes[r, 0], picture, None, (h, w))
                 axes[r, 0].set_title("image" if r == 0 else "", fontsize=8)
-                axes[r, 0].set_ylabel(title, fontsize=8)
-                for c, layer in enumerate(layers, start=1):
-                    ax = axes[r, c]
-                    if kind == "attention":
-                        pos = collection.layers.index(layer)
-                        p = distribution(record, pos)
-                        label = f"layer {layer}\nH={entropy(p):.2f} r={record.visual[pos].sum():.2f}"
-                    elif layer in record.importance:
-                        p = record.importance[layer]
-                        label = f"pi, layer {layer}\nH={entropy(p):.2f}"
-                    else:
-                        ax.axis("off")
+                axes[r, 0].set_ylabel(row_title, fontsize=8)
+                for c in range(1, ncols):
+                    if (r, c) not in panels:
+                        axes[r, c].axis("off")
                         continue
-                    heat = _split(p, grids)[j]
-                    _overlay(ax, picture, heat, (h, w))
-                    ax.set_title(label, fontsize=7)
-            caption = _caption(records[0].meta, j, len(grids))
-            fig.suptitle(caption, fontsize=8)
+                    maps, title = panels[r, c]
+                    mappable = _overlay(axes[r, c], picture, maps[j], (h, w), vmax)
+                    axes[r, c].set_title(title, fontsize=7)
+            fig.suptitle(_caption(records[0].meta, j, len(grids)), fontsize=8)
             fig.tight_layout()
+            if mappable is not None:
+                bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+                bar.set_label("share x Nv (1 = uniform)", fontsize=7)
+                bar.ax.tick_params(labelsize=7)
             name = f"sample{s:03d}_image{j}.png"
             _save(fig, out_dir / name)
-            written.append({"path": name, "sample": s, "image": j, "meta": records[0].meta, "runs": [
-                {"label": runs[i][1]["label"], "generated": records[i].meta.get("generated")} for i in range(len(runs))
-            ]})
+            runs_meta = [
+                {"label": runs[i][1]["label"], "generated": records[i].meta.get("generated")}
+                for i in range(len(runs))
+            ]
+            written.append(
+                {"path": name, "sample": s, "image": j, "meta": records[0].meta, "runs": runs_meta}
+            )
     return written
 
 

@@ -36,8 +36,8 @@ from ..injection import (
     PROBE_ATTRIBUTE,
     InjectionPlan,
     register_attention_functions,
-    visibility,
     vif_name,
+    visibility,
 )
 
 IGNORE_INDEX = -100
@@ -184,9 +184,7 @@ def inject(
     return torch.where(use, injected, probs)
 
 
-def image_mass(
-    probs: torch.Tensor, row_valid: torch.Tensor, image_positions: torch.Tensor
-) -> torch.Tensor:
+def image_mass(probs: torch.Tensor, row_valid: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
     """Head-averaged attention of the chosen rows on each image token, summed over rows.
 
     probs ``(B, H, R, kv)``, row_valid ``(B, R)``, image_positions ``(B, Nv)`` (kv slots;

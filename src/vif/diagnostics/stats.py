@@ -66,7 +66,9 @@ def summarise(collection: Collection) -> dict[str, Any]:
                 "ratio_std": _std(ratios),
                 "entropy": _mean(entropies),
                 "entropy_std": _std(entropies),
-                "quantiles": {str(q): float(np.quantile(pooled, q)) for q in QUANTILES} if pooled.size else {},
+                "quantiles": {str(q): float(np.quantile(pooled, q)) for q in QUANTILES}
+                if pooled.size
+                else {},
             }
         )
     deep = deep_layers(collection)
@@ -137,7 +139,19 @@ def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def pooled_relative(collection: Collection, layer_pos: int) -> np.ndarray:
-    """All samples' ``Nv * p_j`` at one layer (1 = uniform), for the violins."""
-    dists = distributions(collection, layer_pos)
-    return np.concatenate([p * p.size for p in dists]) if dists else np.zeros(0)
+def violin_values(collection: Collection, max_points: int = 20_000, seed: int = 0) -> dict[int, np.ndarray]:
+    """Layer -> the pooled ``Nv * p_j`` of all samples (1 = uniform share), float32.
+
+    Scaling by ``Nv`` makes samples with different token counts comparable. At most
+    ``max_points`` values per layer are kept (a seeded random subset; the quantiles in
+    the summary use all of them).
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for pos, layer in enumerate(collection.layers):
+        dists = distributions(collection, pos)
+        values = np.concatenate([p * p.size for p in dists]) if dists else np.zeros(0)
+        if values.size > max_points:
+            values = rng.choice(values, max_points, replace=False)
+        out[layer] = values.astype(np.float32)
+    return out

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone: sets up .venv on first use (or when pyproject.toml
+# changes), then runs the main job or the tests.
+#   bash run.sh demo [args]   - the end-to-end demo (`vif demo`)
+#   bash run.sh test [args]   - the test suite (pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)${VIF_EXTRAS:+-$VIF_EXTRAS}"
+if [ ! -f "$stamp" ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+    .venv/bin/pip install -q "torch==2.13.0"
+    .venv/bin/pip install -q -e ".[dev${VIF_EXTRAS:+,$VIF_EXTRAS}]"
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+command="${1:-test}"
+shift || true
+case "$command" in
+    demo) exec .venv/bin/vif demo "$@" ;;
+    test) exec .venv/bin/python -m pytest -q "$@" ;;
+    *) echo "usage: bash run.sh demo|test [args]" >&2; exit 2 ;;
+esac
