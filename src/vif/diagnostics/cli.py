@@ -1,8 +1,8 @@
 """``vif diagnose``: visual-attention diagnostics of a saved model on a LLaVA-format data file.
 
-    vif diagnose --model llava-1.5-7b-hf --data val.json --image-folder images/ --out diag/
-    vif diagnose --model ... --data ... --adapter runs/vif      # the model with VIF attached
-    vif diagnose --model ... --data ... --compare runs/vif      # base vs base + VIF, side by side
+vif diagnose --model llava-1.5-7b-hf --data val.json --image-folder images/ --out diag/
+vif diagnose --model ... --data ... --adapter runs/vif      # the model with VIF attached
+vif diagnose --model ... --data ... --compare runs/vif      # base vs base + VIF, side by side
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..loading import DTYPES
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -23,10 +21,16 @@ def _layers(text: str | None) -> list[int] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved Hugging Face model folder (with its processor)")
     parser.add_argument("--data", required=True, help="LLaVA-format JSON / JSONL file")
-    parser.add_argument("--image-folder", default=None, help="root of the data's image paths (default: its folder)")
+    parser.add_argument(
+        "--image-folder", default=None, help="root of the data's image paths (default: its folder)"
+    )
     vif_group = parser.add_mutually_exclusive_group()
-    vif_group.add_argument("--adapter", default=None, help="VIF adapter folder: diagnose the model with VIF attached")
-    vif_group.add_argument("--compare", default=None, metavar="ADAPTER", help="VIF adapter folder: base vs base + VIF")
+    vif_group.add_argument(
+        "--adapter", default=None, help="VIF adapter folder: diagnose the model with VIF attached"
+    )
+    vif_group.add_argument(
+        "--compare", default=None, metavar="ADAPTER", help="VIF adapter folder: base vs base + VIF"
+    )
     parser.add_argument("--out", default="diagnostics", help="output folder (default: %(default)s)")
     parser.add_argument("--max-samples", type=int, default=None, help="use the first N samples")
     parser.add_argument(
@@ -36,12 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="query rows: answer tokens, last prompt token, or greedily generated tokens (default: %(default)s)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=16, help="for --rows generated")
-    parser.add_argument("--layers", default=None, help="decoder layers to analyse, e.g. '0,8,16' (default: all)")
-    parser.add_argument("--heatmap-layers", default=None, help="layers drawn in the heatmaps (default: a spread)")
+    parser.add_argument(
+        "--layers", default=None, help="decoder layers to analyse, e.g. '0,8,16' (default: all)"
+    )
+    parser.add_argument(
+        "--heatmap-layers", default=None, help="layers drawn in the heatmaps (default: a spread)"
+    )
     parser.add_argument("--n-heatmaps", type=int, default=4, help="heatmap figures for the first N samples")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, else float32")
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, else float32"
+    )
     parser.add_argument(
         "--route",
         default="probe",
@@ -51,24 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="override the adapter's injection alpha")
 
 
-def load_model(path: str | Path, device: str, dtype: torch.dtype, attn: str) -> tuple[Any, Any]:
-    """A saved VLM and its processor (Qwen-VL folders get the torchvision-free processor)."""
-    from transformers import AutoModelForImageTextToText
-
-    from ..tiny import load_processor
-
-    processor = load_processor(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    return model.to(device).eval(), processor
-
-
 def _print_table(summary: dict[str, Any]) -> None:
     runs = [summary] if "per_layer" in summary else [summary["base"], summary["vif"]]
     head = "layer" + "".join(f" | ratio {s['label']:>5} | entropy {s['label']:>5}" for s in runs)
     print(head)
     print("-" * len(head))
     for rows in zip(*(s["per_layer"] for s in runs)):
-        print(f"{rows[0]['layer']:>5}" + "".join(f" | {r['ratio']:>11.4f} | {r['entropy']:>13.4f}" for r in rows))
+        print(
+            f"{rows[0]['layer']:>5}"
+            + "".join(f" | {r['ratio']:>11.4f} | {r['entropy']:>13.4f}" for r in rows)
+        )
     for s in runs:
         print(
             f"{s['label']}: deep-layer entropy {s['deep_entropy']:.4f} nats (max {s['max_entropy']:.4f}), "
@@ -77,13 +79,14 @@ def _print_table(summary: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..loading import default_device, load_model, resolve_dtype
     from ..model import VIFModel
     from .api import compare, diagnose
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    device = args.device or default_device()
+    dtype = resolve_dtype(args.dtype, device)
     attn = "sdpa" if args.route == "probe" else "eager"
-    model, processor = load_model(args.model, device, dtype, attn)
+    model, processor = load_model(args.model, device, dtype, attn_implementation=attn)
     options = dict(
         samples=args.data,
         out_dir=args.out,
