@@ -104,7 +104,10 @@ class _Runtime:
     def begin(self, inputs: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        past = inputs.get("past_key_values")
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (generate passes `cache`).
+        past = inputs.get("cache")
+        if past is None:
+            past = inputs.get("past_key_values")
         if isinstance(past, StaticCache):
             raise BackboneError(
                 "VIF needs the dynamic KV cache (query positions are read from the cache length); "

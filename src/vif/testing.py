@@ -114,3 +114,179 @@ def llava_batch(
     if with_labels:
         batch["labels"] = labels
     return batch
+
+
+# ---------------------------------------------------------------------------------- Qwen-VL
+# Token ids of the hand-built Qwen batches (the tiny configs below use them; real
+# checkpoints read theirs from the config).
+QWEN_IMAGE_TOKEN_ID = IMAGE_TOKEN_ID
+QWEN_VIDEO_TOKEN_ID = 4
+QWEN_VISION_START_ID = 5
+QWEN_VISION_END_ID = 6
+QWEN_FIRST_TEXT_ID = 7
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def tiny_qwen_config(
+    family: str = "qwen2_5_vl",
+    hidden_size: int = 64,
+    num_layers: int = 8,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 128,
+):
+    """A Qwen2.5-VL (``family="qwen2_5_vl"``) or Qwen2-VL (``"qwen2_vl"``) config with a tiny LLM.
+
+    The vision tower keeps the real models' patching (patch 14, temporal patch 2, 2 x 2
+    merge: ``pixel_values`` rows are 1176 wide, an image of ``2h x 2w`` patches gives
+    ``h x w`` LLM tokens) and M-RoPE sections that add up to ``head_dim / 2``.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    half = hidden_size // num_heads // 2
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8],
+        },
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    ids = dict(
+        image_token_id=QWEN_IMAGE_TOKEN_ID,
+        video_token_id=QWEN_VIDEO_TOKEN_ID,
+        vision_start_token_id=QWEN_VISION_START_ID,
+        vision_end_token_id=QWEN_VISION_END_ID,
+    )
+    patching = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            window_size=56,  # 2 x 2 merged tokens per window: windowed attention runs on tiny images
+            fullatt_block_indexes=[1],
+            **patching,
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, mlp_ratio=2, num_heads=2, **patching)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    raise ValueError(f"family must be one of {QWEN_FAMILIES}, got {family!r}")
+
+
+def tiny_qwen(family: str = "qwen2_5_vl", seed: int = 0, attn_implementation: str = "sdpa", **kwargs):
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``, fp32, eval."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = tiny_qwen_config(family, **kwargs)
+    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = cls(config)
+    model.set_attn_implementation({"text_config": attn_implementation, "vision_config": "sdpa"})
+    return model.eval()
+
+
+def qwen_batch(
+    model,
+    samples: list[tuple[list[tuple[int, int]], int, int]],
+    padding_side: str = "left",
+    seed: int = 0,
+    with_labels: bool = False,
+    answer_len: int = 3,
+) -> dict[str, torch.Tensor]:
+    """A padded Qwen-VL batch built by hand, as the real processor lays it out.
+
+    Each sample is ``(grids, prefix_len, suffix_len)`` with ``grids`` the ``(rows, cols)``
+    LLM-token grid of each of its images: ``prefix_len`` text tokens, then per image
+    ``<|vision_start|>``, ``rows * cols`` image pads, ``<|vision_end|>`` (images separated
+    by two text tokens), then ``suffix_len`` text tokens (the last ``answer_len`` labelled
+    when ``with_labels``). Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``
+    (1 on image pads: M-RoPE positions), and for batches with images ``pixel_values
+    (sum 4 * rows * cols, 1176)`` and ``image_grid_thw (n_images, 3) = (1, 2 rows, 2 cols)``
+    in patches, images in sequence order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.text_config.vocab_size
+    vision = model.config.vision_config
+    merge = vision.spatial_merge_size
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    sequences, label_rows, grid_thw = [], [], []
+    for grids, prefix, suffix in samples:
+        text = lambda n: torch.randint(QWEN_FIRST_TEXT_ID, vocab, (n,), generator=g)  # noqa: E731
+        parts = [text(prefix)]
+        for i, (rows, cols) in enumerate(grids):
+            parts += [
+                torch.tensor([QWEN_VISION_START_ID]),
+                torch.full((rows * cols,), QWEN_IMAGE_TOKEN_ID),
+                torch.tensor([QWEN_VISION_END_ID]),
+            ]
+            if i < len(grids) - 1:
+                parts.append(text(2))
+            grid_thw.append((1, merge * rows, merge * cols))
+        parts.append(text(suffix))
+        seq = torch.cat(parts)
+        labels = torch.full_like(seq, -100)
+        if with_labels:
+            labels[-answer_len:] = seq[-answer_len:]
+        sequences.append(seq)
+        label_rows.append(labels)
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(samples), length), PAD_TOKEN_ID)
+    mask = torch.zeros(len(samples), length, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100)
+    for b, (seq, lab) in enumerate(zip(sequences, label_rows)):
+        sl = slice(length - len(seq), length) if padding_side == "left" else slice(0, len(seq))
+        ids[b, sl], mask[b, sl], labels[b, sl] = seq, 1, lab
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == QWEN_IMAGE_TOKEN_ID).long(),
+    }
+    if grid_thw:
+        thw = torch.tensor(grid_thw)
+        batch["pixel_values"] = torch.randn(int(thw.prod(-1).sum()), patch_dim, generator=g)
+        batch["image_grid_thw"] = thw
+    if with_labels:
+        batch["labels"] = labels
+    return batch
+
+
+def qwen_sample(batch: dict[str, torch.Tensor], index: int, model) -> dict[str, torch.Tensor]:
+    """Sample ``index`` of a left-padded :func:`qwen_batch`, unpadded, with only its own images."""
+    length = int(batch["attention_mask"][index].sum())
+    single = {
+        k: batch[k][index : index + 1, -length:] for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+    }
+    if "image_grid_thw" not in batch:
+        return single
+    # Images are in sequence order: this sample's are those after the earlier samples' ones.
+    pads_per_image = batch["image_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size**2
+    counts = (batch["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum(-1).tolist()
+    first, before = 0, sum(counts[:index])
+    while before > 0:
+        before -= int(pads_per_image[first])
+        first += 1
+    last, own = first, counts[index]
+    while own > 0:
+        own -= int(pads_per_image[last])
+        last += 1
+    if last == first:
+        return single
+    rows = batch["image_grid_thw"].prod(-1)
+    start = int(rows[:first].sum())
+    single["pixel_values"] = batch["pixel_values"][start : start + int(rows[first:last].sum())]
+    single["image_grid_thw"] = batch["image_grid_thw"][first:last]
+    return single
