@@ -215,7 +215,7 @@ def scaled_paper_pairs(depth: int) -> tuple[list[int], list[int]]:
     Each index keeps its distance from the *end* of the network in proportion to depth
     (injection layers end at the last layer, as in the paper), and indices are made
     distinct and strictly ordered. For depth 32 this is the paper's default; for
-    Qwen2.5-7B's 28 layers it gives (9, 11, 13, 14) -> (21, 23, 25, 27).
+    Qwen2.5-7B's 28 layers it gives (9, 11, 13, 15) -> (22, 23, 25, 27).
     """
     if depth < 4:
         raise VIFConfigError(f"a language model with {depth} layers is too shallow for VIF's default pairs.")
