@@ -6,6 +6,7 @@ vmodel = vif.attach(model, vif.VIFConfig.preset("paper", model))
 
 from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbone, register_backbone
 from .config import VIFConfig, VIFConfigError
+from .diagnostics import diagnose
 from .model import VIFLoadError, VIFModel, VIFOutput, attach
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "VIFOutput",
     "VisionLayout",
     "attach",
+    "diagnose",
     "get_backbone",
     "register_backbone",
 ]

@@ -13,8 +13,6 @@ import torch.nn as nn
 from ..model import VIFModel
 from .collect import Collection, collect, vif_settings
 from .inputs import iter_batches
-from .plots import plot_entropy, plot_heatmaps, plot_ratio, plot_violin
-from .report import write_html
 from .stats import difference, summarise, violin_values
 
 Run = tuple[Collection, dict]
@@ -33,6 +31,11 @@ def _reiterable(samples: Any) -> Any:
 
 
 def _total(samples: Any) -> int | None:
+    """Number of samples, for the progress bar (None when unknown)."""
+    if isinstance(samples, (str, Path)):
+        from ..data.llava_format import read_llava_json
+
+        return len(read_llava_json(samples))
     if isinstance(samples, (list, tuple)) and samples and isinstance(samples[0], dict):
         first = samples[0]["input_ids"]
         return sum(b["input_ids"].shape[0] for b in samples) if first.dim() == 2 else len(samples)
@@ -71,6 +74,10 @@ def write_outputs(
     Returns what ``summary.json`` holds: one run's summary, or for two runs
     ``{"base": ..., "vif": ..., "difference": vif - base}``.
     """
+    # matplotlib is imported on use: `import vif` stays light.
+    from .plots import plot_entropy, plot_heatmaps, plot_ratio, plot_violin
+    from .report import write_html
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summary for _, summary in runs]

@@ -85,15 +85,28 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 
 def _pictures(
-    batch: Batch, layout: VisionLayout, mean: tuple[float, ...], std: tuple[float, ...]
+    batch: Batch,
+    layout: VisionLayout,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    vision_config: Any = None,
 ) -> list[list[np.ndarray] | None]:
     """Per sample, its images as the model saw them (``(H, W, 3)`` uint8), from ``pixel_values``.
 
-    Only LLaVA-style ``(n_images, 3, H, W)`` pixel values can be turned back into pictures
-    (un-normalised with the processor's mean / std); other layouts give None.
+    LLaVA-style ``(n_images, 3, H, W)`` pixel values are un-normalised with the processor's
+    mean / std. Qwen-VL-style patch rows ``(sum t*h*w, C*tp*p*p)`` with ``image_grid_thw``
+    are first put back on the image plane (the inverse of the processor's patchify; first
+    frame). Other layouts give None (the heatmaps are then drawn on a blank canvas).
     """
     pixels = batch.get("pixel_values")
-    if pixels is None or pixels.dim() != 4:
+    if pixels is None:
+        return [None] * len(layout.grids)
+    pixels = pixels.detach().float().cpu()
+    if pixels.dim() == 4:
+        images = list(pixels)
+    elif pixels.dim() == 2 and batch.get("image_grid_thw") is not None and vision_config is not None:
+        images = _unpatchify(pixels, batch["image_grid_thw"].cpu(), vision_config)
+    else:
         return [None] * len(layout.grids)
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
@@ -101,11 +114,40 @@ def _pictures(
     for grids in layout.grids:
         pics = []
         for _ in grids:
-            rgb = (pixels[i].detach().float().cpu() * s + m).clamp(0, 1)
+            if i >= len(images):  # pixel values do not match the image tokens: draw without pictures
+                return [None] * len(layout.grids)
+            rgb = (images[i] * s + m).clamp(0, 1)
             pics.append((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
             i += 1
         out.append(pics)
     return out
+
+
+def _unpatchify(pixels: torch.Tensor, grid_thw: torch.Tensor, vision_config: Any) -> list[torch.Tensor]:
+    """Qwen-VL patch rows -> one ``(C, h*p, w*p)`` image per ``image_grid_thw`` row (first frame).
+
+    The processor lays each image out as rows ``(t, h/m, w/m, m, m)`` of columns
+    ``(C, tp, p, p)``; this undoes that reshape.
+    """
+    p = int(vision_config.patch_size)
+    tp = int(getattr(vision_config, "temporal_patch_size", 1))
+    m = int(getattr(vision_config, "spatial_merge_size", 1))
+    channels = pixels.shape[1] // (tp * p * p)
+    images, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        rows = pixels[start : start + t * h * w]
+        start += t * h * w
+        x = rows.reshape(t, h // m, w // m, m, m, channels, tp, p, p)[0, :, :, :, :, :, 0]
+        x = x.permute(4, 0, 2, 5, 1, 3, 6)  # (C, h/m, m, p, w/m, m, p)
+        images.append(x.reshape(channels, h * p, w * p))
+    return images
+
+
+def _vif_maps(model: nn.Module) -> dict[int, torch.Tensor]:
+    """The importance maps (injection layer -> ``(B, Nv)``) of a VIF model's last prompt, else ``{}``."""
+    if not isinstance(model, VIFModel) or not vif_settings(model)[0]:
+        return {}
+    return {d: result.pi for d, result in model._runtime.results.items()}
 
 
 def _eos_ids(model: nn.Module) -> set[int]:
@@ -170,7 +212,7 @@ class _Runner:
             for attentions in out.attentions:  # one tuple of layers per generated token
                 rows = [attentions[layer][:, :, -1:].float() for layer in self.layers]  # last row of the call
                 steps.append(torch.stack([image_mass(r, ones, layout.positions) for r in rows], 1))
-            importance = {}
+            importance = _vif_maps(self.model)
         self.generated = sequences[:, length:]
         if len(steps) != self.generated.shape[1]:
             raise RuntimeError(f"{len(steps)} attention calls for {self.generated.shape[1]} generated tokens")
@@ -261,7 +303,7 @@ def collect(
                     sums, importance = runner.teacher_forced(batch, layout, selection)
                     counts = selection.counts
                 means = (sums / counts.to(sums)[:, None, None]).cpu().numpy()  # (B, n, Nv)
-                pictures = _pictures(batch, layout, mean, std)
+                pictures = _pictures(batch, layout, mean, std, getattr(base.config, "vision_config", None))
                 for b, meta in enumerate(metas):
                     if (
                         max_samples is not None

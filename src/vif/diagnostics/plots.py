@@ -11,22 +11,22 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
 
-matplotlib.use("Agg")  # files only; never needs a display
+# Figures are built with matplotlib's object API, never pyplot: nothing here touches the
+# process-wide backend or figure registry of a user's notebook, and files need no display.
+from matplotlib.figure import Figure
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .collect import Collection  # noqa: E402
-from .stats import distribution, entropy  # noqa: E402
+from .collect import Collection
+from .stats import distribution, entropy
 
 Run = tuple[Collection, dict]
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52")
-FLOOR = 1e-3  # violins are on log10(Nv * p): clip values that would be -inf
+FLOOR = 1e-4  # violins are on log10(Nv * p): smaller values (and zeros, -inf) are drawn at -4
 
 
-def _injection_bands(ax: plt.Axes, runs: list[Run]) -> None:
+def _injection_bands(ax: Axes, runs: list[Run]) -> None:
     """Shades the layers where any run's VIF injects."""
     layers = sorted({d for collection, _ in runs for d in collection.injection_layers})
     for i, d in enumerate(layers):
@@ -36,22 +36,28 @@ def _injection_bands(ax: plt.Axes, runs: list[Run]) -> None:
             color="#DD8452",
             alpha=0.12,
             lw=0,
-            label="VIF injection layer" if i == 0 else None,
+            label="VIF injection layers" if i == 0 else None,
         )
 
 
-def _deep_band(ax: plt.Axes, runs: list[Run]) -> None:
+def _deep_band(ax: Axes, runs: list[Run]) -> None:
+    """Marks where the deep layers (the last half, averaged into ``deep_entropy``) start."""
     num_layers = runs[0][0].num_layers
-    ax.axvline(num_layers // 2 - 0.5, color="0.5", ls=":", lw=1)
+    ax.axvline(num_layers // 2 - 0.5, color="0.4", ls=":", lw=1.2, label="deep layers start")
 
 
-def _layer_axis(ax: plt.Axes, runs: list[Run]) -> None:
+def _layer_axis(ax: Axes, runs: list[Run]) -> None:
     num_layers = runs[0][0].num_layers
     step = max(1, math.ceil(num_layers / 16))
     ax.set_xticks(range(0, num_layers, step))
     ax.set_xlim(-0.7, num_layers - 0.3)
     ax.set_xlabel("decoder layer")
     ax.grid(alpha=0.3)
+
+
+def _legend(ax: Axes) -> None:
+    # Outside the axes, on the right: never covers a curve or a violin.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
 def _title(runs: list[Run], what: str) -> str:
@@ -62,7 +68,8 @@ def _title(runs: list[Run], what: str) -> str:
 
 def plot_ratio(runs: list[Run], path: Path) -> Path:
     """Visual attention ratio per layer: mean over samples, band = +- one standard deviation."""
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax = fig.subplots()
     for i, (_, summary) in enumerate(runs):
         rows = summary["per_layer"]
         x = np.array([r["layer"] for r in rows])
@@ -82,13 +89,14 @@ def plot_ratio(runs: list[Run], path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("attention mass on image tokens")
     ax.set_title(_title(runs, "Visual attention ratio"))
-    ax.legend(loc="best", fontsize=8)
+    _legend(ax)
     return _save(fig, path)
 
 
 def plot_entropy(runs: list[Run], path: Path) -> Path:
     """Entropy of the renormalised visual attention per layer; dashed: ln Nv (uniform)."""
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax = fig.subplots()
     for i, (_, summary) in enumerate(runs):
         rows = summary["per_layer"]
         x = np.array([r["layer"] for r in rows])
@@ -105,7 +113,7 @@ def plot_entropy(runs: list[Run], path: Path) -> Path:
     ax.set_ylim(0, top * 1.08)
     ax.set_ylabel("entropy (nats)")
     ax.set_title(_title(runs, "Entropy of the visual attention distribution"))
-    ax.legend(loc="lower left", fontsize=8)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -118,7 +126,8 @@ def plot_violin(runs: list[Run], values: list[dict[int, np.ndarray]], path: Path
     ``values``: per run, :func:`~.stats.violin_values`.
     """
     num_layers = runs[0][0].num_layers
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * num_layers * len(runs)), 4.5))
+    fig = Figure(figsize=(min(18, max(9, 0.3 * num_layers * len(runs))), 4.5), layout="constrained")
+    ax = fig.subplots()
     width = 0.8 / len(runs)
     for i, (collection, summary) in enumerate(runs):
         data, positions = [], []
@@ -135,9 +144,9 @@ def plot_violin(runs: list[Run], values: list[dict[int, np.ndarray]], path: Path
     ax.axhline(0, color="k", ls="--", lw=1, label="uniform")
     _injection_bands(ax, runs)
     _layer_axis(ax, runs)
-    ax.set_ylabel("log10(Nv x attention share)")
-    ax.set_title(_title(runs, "Visual attention distribution (renormalised over image tokens)"))
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylabel("log10(attention share x Nv)\n(0 = uniform; -4 includes smaller)")
+    ax.set_title(_title(runs, "Renormalised visual attention per image token"))
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -160,19 +169,29 @@ def _split(values: np.ndarray, grids: list[tuple[int, int]]) -> list[np.ndarray]
 
 
 def _overlay(
-    ax: plt.Axes,
+    ax: Axes,
     picture: np.ndarray | None,
     heat: np.ndarray | None,
     shape: tuple[int, int],
     vmax: float = 1.0,
 ) -> Any:
-    """The picture with ``heat`` (a token grid) stretched over it, bilinearly interpolated."""
-    if picture is None:
+    """The picture, and ``heat`` (a token grid) stretched exactly over it.
+
+    Both images share the extent ``(0, width, height, 0)`` in picture pixels, so token
+    ``(i, j)`` of an ``h x w`` grid covers the pixels of patch ``(i, j)``; the heat is
+    bilinearly interpolated between patch centres. Under a heatmap the picture is shown
+    in dimmed grey, so the colour scale alone carries the values.
+    """
+    if picture is None:  # no pixels to show: a neutral canvas with the grid's aspect
         height, width = shape[0] * 16, shape[1] * 16
-        ax.imshow(np.full((height, width, 3), 0.85))
+        picture = np.full((height, width, 3), 200, dtype=np.uint8)
+    height, width = picture.shape[:2]
+    extent = (0, width, height, 0)
+    if heat is None:
+        ax.imshow(picture, extent=extent, interpolation="nearest")
     else:
-        height, width = picture.shape[:2]
-        ax.imshow(picture)
+        grey = picture[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        ax.imshow(grey, cmap="gray", vmin=-128, vmax=300, extent=extent, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if heat is None:
@@ -180,8 +199,8 @@ def _overlay(
     return ax.imshow(
         heat,
         cmap="jet",
-        alpha=0.5,
-        extent=(0, width, height, 0),
+        alpha=0.6,
+        extent=extent,
         interpolation="bilinear",
         vmin=0.0,
         vmax=vmax,
@@ -230,9 +249,8 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
             picture = records[0].images[j] if records[0].images else None
             vmax = max([float(maps[j].max()) for maps, _ in panels.values()] + [1.0])
             ncols = len(layers) + 1
-            fig, axes = plt.subplots(
-                len(row_specs), ncols, figsize=(2.1 * ncols + 0.6, 2.5 * len(row_specs)), squeeze=False
-            )
+            fig = Figure(figsize=(2.1 * ncols + 0.6, 2.4 * len(row_specs) + 0.4), layout="constrained")
+            axes = fig.subplots(len(row_specs), ncols, squeeze=False)
             mappable = None
             for r, (row_title, _, _) in enumerate(row_specs):
                 _overlay(axes[r, 0], picture, None, (h, w))
@@ -246,10 +264,10 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
                     mappable = _overlay(axes[r, c], picture, maps[j], (h, w), vmax)
                     axes[r, c].set_title(title, fontsize=7)
             fig.suptitle(_caption(records[0].meta, j, len(grids)), fontsize=8)
-            fig.tight_layout()
             if mappable is not None:
-                bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-                bar.set_label("share x Nv (1 = uniform)", fontsize=7)
+                bar = fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01)
+                bar.solids.set_alpha(1.0)  # the scale itself opaque, not at the overlay's alpha
+                bar.set_label("attention share x Nv  (1 = uniform)", fontsize=7)
                 bar.ax.tick_params(labelsize=7)
             name = f"sample{s:03d}_image{j}.png"
             _save(fig, out_dir / name)
@@ -279,8 +297,7 @@ def _short(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
     return path
