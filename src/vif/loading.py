@@ -43,7 +43,8 @@ def load_model(
     """A saved VLM and its processor, optionally with a saved VIF adapter attached.
 
     Args:
-        path: a folder written by ``save_pretrained`` (model + processor) or a hub id.
+        path: a folder written by ``save_pretrained`` (model + processor) or a hub id; or a PEFT
+            LoRA adapter folder with its processor (``vif train`` LoRA output), merged onto its base.
         device: ``"cpu"``, ``"cuda"``, ... (default: cuda when available).
         dtype: ``"float32" | "bfloat16" | "float16" | "auto"`` or a torch dtype.
         attn_implementation: the language model's base attention (``"sdpa"`` or ``"eager"``).
@@ -60,9 +61,25 @@ def load_model(
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     processor = load_processor(path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn_implementation
-    )
+    lora = Path(path) / "adapter_config.json"
+    if lora.is_file():
+        # A PEFT (LoRA) adapter folder, as `vif train` writes for LoRA runs: load its base model
+        # and merge the adapter in, so the result is a plain model of the base's class.
+        import json
+
+        from peft import PeftModel
+
+        base_path = json.loads(lora.read_text()).get("base_model_name_or_path")
+        if not base_path:
+            raise ValueError(f"{lora} names no base_model_name_or_path; cannot find the model to merge into.")
+        model = AutoModelForImageTextToText.from_pretrained(
+            base_path, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
     model = model.to(device).eval()
     if adapter is not None:
         from .model import VIFModel

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .recipe import Recipe, RecipeError, load_recipe
+
+if TYPE_CHECKING:
+    from .trainer import VIFTrainer
 
 # Trainer log keys that are per-step bookkeeping, not metrics.
 _NOT_METRICS = ("epoch", "step", "learning_rate", "grad_norm")
@@ -89,36 +92,75 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
     Runs under ``torchrun`` / ``accelerate launch`` (DDP, DeepSpeed, FSDP) like any Trainer script;
     every process returns the same result, process 0 writes the files.
     """
-    from transformers import TrainingArguments
+    from .parts import count_parameters
+    from .trainer import VIF_SUBDIR
 
+    trainer = build_trainer(recipe, **overrides)
+    recipe = trainer.recipe
+    output = trainer.train(resume_from_checkpoint=recipe.resume or None)
+    output_dir = Path(recipe.output_dir)
+    trainer.save_model(str(output_dir))
+    trainer.save_state()
+
+    metrics = {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))}
+    last_loss = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if last_loss:
+        metrics["loss"] = last_loss[-1]
+    metrics.update(trainer.last_parts)
+    metrics = {k: v for k, v in metrics.items() if k not in _NOT_METRICS and math.isfinite(v)}
+    parts = trainer.parts
+    return TrainResult(
+        output_dir=output_dir,
+        model_path=output_dir if recipe.trainable.mode in ("full", "lora") else Path(trainer.model_path),
+        vif_adapter=output_dir / VIF_SUBDIR if parts.vif is not None else None,
+        global_step=trainer.state.global_step,
+        metrics=metrics,
+        log_history=list(trainer.state.log_history),
+        trainable=count_parameters(parts.top),
+    )
+
+
+def build_trainer(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> VIFTrainer:
+    """Everything :func:`train` sets up - model, data, Trainer - without training.
+
+    The returned :class:`~vif.training.trainer.VIFTrainer` also carries ``.recipe`` (validated),
+    ``.parts`` (:class:`~vif.training.parts.TrainingModel`) and ``.model_path``.
+    """
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ..data.llava_format import VIFCollator
     from ..loading import load_model
     from .data import build_dataset
-    from .parts import build_training_model, count_parameters
-    from .trainer import VIF_SUBDIR, VIFTrainer
+    from .parts import build_training_model
+    from .trainer import VIFTrainer
 
     recipe = load_recipe(recipe, **overrides)
     output_dir = Path(recipe.output_dir)
-    resume: str | bool | None = recipe.resume or None
+    resume = recipe.resume
     if isinstance(resume, str) and not Path(resume).is_dir():
         raise RecipeError(f"resume: {resume!r} is not a checkpoint directory.")
-    if resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if not output_dir.is_dir() or get_last_checkpoint(str(output_dir)) is None:
-            raise RecipeError(
-                f"resume: true but {output_dir} holds no checkpoint-<step> folder to resume from; "
-                "start without resume, or give the checkpoint path."
-            )
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume is True and last is None:
+        raise RecipeError(
+            f"resume: true but {output_dir} holds no checkpoint-<step> folder to resume from; "
+            "start without resume, or give the checkpoint path."
+        )
+    if resume is False and last is not None:
+        raise RecipeError(
+            f"output_dir {output_dir} already holds checkpoints of an earlier run (e.g. {last}); continue it "
+            "with resume: true (CLI: --resume), or choose a new output_dir."
+        )
 
     bf16, fp16 = _precision(recipe.precision)
     torch.manual_seed(recipe.seed)  # the VIF module's initialisation
+    # An absolute path, so that a saved LoRA adapter finds its base model from anywhere.
+    model_path = str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model
     model, processor = load_model(
-        recipe.model, device="cpu", dtype="float32", attn_implementation=recipe.attn_implementation
+        model_path, device="cpu", dtype="float32", attn_implementation=recipe.attn_implementation
     )
     parts = build_training_model(recipe, model)
     dataset = build_dataset(recipe, processor, parts.base)
-
-    from ..data.llava_format import VIFCollator
 
     sched = recipe.schedule
     args = TrainingArguments(
@@ -145,7 +187,6 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
         label_names=["labels"],
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
     )
     lrs = {
         "lr": recipe.optimizer.lr,
@@ -162,26 +203,9 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
         lrs=lrs,
         recipe_dict=recipe.to_dict(),
     )
-    output = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(output_dir))
-    trainer.save_state()
-
-    metrics = {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))}
-    last_loss = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    if last_loss:
-        metrics["loss"] = last_loss[-1]
-    metrics.update(trainer.last_parts)
-    metrics = {k: v for k, v in metrics.items() if k not in _NOT_METRICS and math.isfinite(v)}
-    uses_files = recipe.trainable.mode in ("full", "lora")
-    return TrainResult(
-        output_dir=output_dir,
-        model_path=output_dir if uses_files else Path(recipe.model),
-        vif_adapter=output_dir / VIF_SUBDIR if parts.vif is not None else None,
-        global_step=trainer.state.global_step,
-        metrics=metrics,
-        log_history=list(trainer.state.log_history),
-        trainable=count_parameters(parts.top),
-    )
+    trainer.recipe = recipe
+    trainer.model_path = model_path
+    return trainer
 
 
 def _precision(precision: str) -> tuple[bool, bool]:

@@ -111,7 +111,6 @@ def build_training_model(recipe: Recipe, base: nn.Module) -> TrainingModel:
         # Non-reentrant checkpointing: the VIF map computed in an extraction layer's hook flows
         # into the checkpointed injection layers as a closure, which only this variant differentiates.
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
 
     vmodel = None
     if recipe.init_adapter is not None:

@@ -163,9 +163,7 @@ class VIFTrainer(Trainer):
             weights = checkpoint / "adapter_model.safetensors"
             if not weights.is_file():
                 raise FileNotFoundError(f"{weights} is missing: not a LoRA checkpoint of this run.")
-            result = set_peft_model_state_dict(
-                parts.peft, load_file(weights, device=str(parts.vif.device if parts.vif else "cpu"))
-            )
+            result = set_peft_model_state_dict(parts.peft, load_file(weights))  # copied onto the live weights
             if result.unexpected_keys:
                 raise ValueError(f"{weights} has weights this LoRA model lacks: {result.unexpected_keys[:5]}")
         elif self.recipe_dict is None or self.recipe_dict["trainable"]["mode"] == "full":
