@@ -12,6 +12,9 @@ if [ ! -f "$stamp" ]; then
     # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
     .venv/bin/pip install -q "torch==2.13.0"
     .venv/bin/pip install -q -e ".[dev${VIF_EXTRAS:+,$VIF_EXTRAS}]"
+    # lmms-eval (for the plug-in tests) WITHOUT its ~140 requirements, which include a
+    # torchvision that breaks the CPU torch; what it needs is the [lmms] extra, part of [dev].
+    .venv/bin/pip install -q --no-deps "lmms-eval==0.7.3"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -98,6 +98,12 @@ def llava_vif(llava):
 # -------------------------------------------------------------------------------------
 
 
+def answers(model, processor, samples, batch_size):
+    return predict(
+        model, processor, samples, "exact_match", batch_size, max_new_tokens=MAX_NEW_TOKENS, progress=False
+    )
+
+
 def manual_greedy(model, processor, question, image, max_new_tokens):
     """Reference: one sample, full forward pass per step (no KV cache), argmax, stop at EOS."""
     prompt = render_prompt(processor, user_message(question))
@@ -121,7 +127,7 @@ def test_generation_matches_manual_greedy_loop(llava, llava_vif):
     vmodel, processor = llava_vif
     samples = read_benchmark(llava["bench"], "exact_match")[:3]
     with vmodel.disabled():
-        got = predict(vmodel, processor, samples, "exact_match", batch_size=3, max_new_tokens=MAX_NEW_TOKENS)
+        got = answers(vmodel, processor, samples, batch_size=3)
         for sample, prediction in zip(samples, got):
             image = Image.open(sample.image_path).convert("RGB")
             question = build_question(sample, "exact_match")
@@ -133,20 +139,12 @@ def test_batched_left_padded_equals_batch_size_one(llava, llava_vif):
     vmodel, processor = llava_vif
     samples = read_benchmark(llava["bench"], "exact_match")
     # The batch really is padded: the prompts have different token lengths.
-    lengths = {
-        len(processor.tokenizer(render_prompt(processor, user_message(build_question(s, "exact_match"))))["input_ids"])
-        for s in samples
-    }
+    prompts = [render_prompt(processor, user_message(build_question(s, "exact_match"))) for s in samples]
+    lengths = {len(processor.tokenizer(prompt)["input_ids"]) for prompt in prompts}
     assert len(lengths) > 1
-    for enabled in (False, True):
-        if enabled:
-            one = predict(vmodel, processor, samples, "exact_match", batch_size=1, max_new_tokens=MAX_NEW_TOKENS)
-            four = predict(vmodel, processor, samples, "exact_match", batch_size=4, max_new_tokens=MAX_NEW_TOKENS)
-        else:
-            with vmodel.disabled():
-                one = predict(vmodel, processor, samples, "exact_match", batch_size=1, max_new_tokens=MAX_NEW_TOKENS)
-                four = predict(vmodel, processor, samples, "exact_match", batch_size=4, max_new_tokens=MAX_NEW_TOKENS)
-        assert one == four
+    assert answers(vmodel, processor, samples, 1) == answers(vmodel, processor, samples, 4)
+    with vmodel.disabled():
+        assert answers(vmodel, processor, samples, 1) == answers(vmodel, processor, samples, 4)
 
 
 def test_qwen2_5_vl_batched_equals_batch_size_one(tmp_path):
@@ -159,7 +157,10 @@ def test_qwen2_5_vl_batched_equals_batch_size_one(tmp_path):
     # Qwen's template: the image sits inside <|vision_start|> ... <|vision_end|> in a user turn.
     assert "<|vision_start|><|image_pad|><|vision_end|>" in render_prompt(processor, conversations[0])
     batched = generate_answers(vmodel, processor, conversations, images, MAX_NEW_TOKENS)
-    single = [generate_answers(vmodel, processor, [c], [i], MAX_NEW_TOKENS)[0] for c, i in zip(conversations, images)]
+    single = [
+        generate_answers(vmodel, processor, [c], [i], MAX_NEW_TOKENS)[0]
+        for c, i in zip(conversations, images)
+    ]
     assert batched == single
     with vmodel.disabled():
         base = generate_answers(vmodel, processor, conversations, images, MAX_NEW_TOKENS)
@@ -175,8 +176,8 @@ def test_vif_eval_cli_compare_end_to_end(llava, llava_vif, tmp_path, capsys):
     vmodel, processor = llava_vif
     samples = read_benchmark(llava["bench"], "exact_match")
     with vmodel.disabled():
-        base_predictions = predict(vmodel, processor, samples, "exact_match", batch_size=1, max_new_tokens=MAX_NEW_TOKENS)
-    vif_predictions = predict(vmodel, processor, samples, "exact_match", batch_size=1, max_new_tokens=MAX_NEW_TOKENS)
+        base_predictions = answers(vmodel, processor, samples, batch_size=1)
+    vif_predictions = answers(vmodel, processor, samples, batch_size=1)
     assert base_predictions != vif_predictions  # otherwise this test could not tell the runs apart
 
     # Half of the references are the base model's own answers: base accuracy is exactly 0.5.
@@ -218,8 +219,12 @@ def test_vif_eval_cli_compare_end_to_end(llava, llava_vif, tmp_path, capsys):
             assert set(row) == {"id", "image", "question", "prompt", "prediction", "scores", "answer"}
             assert row["answer"] == record["answer"] and row["image"] == record["image"]
             assert row["prompt"] == f"{record['question']}\n{SHORT_ANSWER}"
-            assert row["scores"] == {"accuracy": float(vif.eval.metrics.exact_match(row["prediction"], record["answer"]))}
-        assert info["scores"]["accuracy"] == pytest.approx(np.mean([row["scores"]["accuracy"] for row in rows]))
+            assert row["scores"] == {
+                "accuracy": float(vif.eval.metrics.exact_match(row["prediction"], record["answer"]))
+            }
+        assert info["scores"]["accuracy"] == pytest.approx(
+            np.mean([row["scores"]["accuracy"] for row in rows])
+        )
         assert info["scores"]["num_samples"] == len(records)
     assert summary["runs"]["base"]["scores"]["accuracy"] == pytest.approx(0.5)
     delta = summary["runs"]["vif"]["scores"]["accuracy"] - summary["runs"]["base"]["scores"]["accuracy"]
@@ -228,16 +233,22 @@ def test_vif_eval_cli_compare_end_to_end(llava, llava_vif, tmp_path, capsys):
 
 def test_evaluate_api_single_runs_and_no_output(llava, llava_vif):
     vmodel, processor = llava_vif
-    summary = evaluate(vmodel, processor, llava["bench"], "vqa", batch_size=3, max_new_tokens=2, limit=2, progress=False)
+    summary = evaluate(
+        vmodel, processor, llava["bench"], "vqa", batch_size=3, max_new_tokens=2, limit=2, progress=False
+    )
     assert list(summary["runs"]) == ["vif"] and summary["runs"]["vif"]["predictions_file"] is None
     assert summary["num_samples"] == 2 and "delta" not in summary
     base_model = vmodel.base_model
     with vmodel.disabled():
-        summary = evaluate(base_model, processor, llava["bench"], "vqa", max_new_tokens=2, limit=2, progress=False)
+        summary = evaluate(
+            base_model, processor, llava["bench"], "vqa", max_new_tokens=2, limit=2, progress=False
+        )
     assert list(summary["runs"]) == ["base"]
     with pytest.raises(ValueError, match="needs a VIFModel"):
         evaluate(base_model, processor, llava["bench"], "vqa", compare=True)
-    with pytest.raises(ValueError, match="unknown metric 'bleu'; known metrics: exact_match, multiple_choice"):
+    with pytest.raises(
+        ValueError, match="unknown metric 'bleu'; known metrics: exact_match, multiple_choice"
+    ):
         evaluate(vmodel, processor, llava["bench"], "bleu")
 
 
@@ -262,7 +273,9 @@ def test_prompts_per_metric(folder):
     assert build_question(sample, "multiple_choice") == f"Which?\nA. cat\nB. dog\n{LETTER_ANSWER}"
     assert build_question(sample, "multiple_choice", instruction="") == "Which?\nA. cat\nB. dog"
     ref = folder / "ref.json"  # a JSON list, with LLaVA's "text" and "question_id" keys
-    ref.write_text(json.dumps([{"question_id": 7, "image": "images/img_1.png", "text": "the cat", "bbox": [0, 0, 1, 1]}]))
+    ref.write_text(
+        json.dumps([{"question_id": 7, "image": "images/img_1.png", "text": "the cat", "bbox": [0, 0, 1, 1]}])
+    )
     sample = read_benchmark(ref, "refcoco")[0]
     assert sample.id == "7" and sample.question == "the cat"
     assert build_question(sample, "refcoco") == BOX_PROMPT + "the cat"
@@ -320,12 +333,17 @@ def test_missing_and_corrupt_images_are_all_listed(folder):
 
 
 def test_cli_errors_before_loading_the_model(folder, capsys):
-    bench = write_jsonl(folder / "b.jsonl", [{"id": "gone", "image": "images/nope.png", "question": "q", "answer": "a"}])
+    bench = write_jsonl(
+        folder / "b.jsonl", [{"id": "gone", "image": "images/nope.png", "question": "q", "answer": "a"}]
+    )
     missing_model = str(folder / "no-model-here")  # never loaded: the errors come first
     assert vif_main(["eval", "--model", missing_model, "--benchmark", str(bench), "--metric", "bleu"]) == 2
-    assert "unknown metric 'bleu'; known metrics: exact_match, multiple_choice, refcoco, vqa, yes_no" in capsys.readouterr().err
+    assert (
+        "unknown metric 'bleu'; known metrics: exact_match, multiple_choice, refcoco, vqa, yes_no"
+        in capsys.readouterr().err
+    )
     assert vif_main(["eval", "--model", missing_model, "--benchmark", str(bench), "--metric", "vqa"]) == 2
     err = capsys.readouterr().err
     assert "sample 'gone'" in err and "nope.png" in err
     with pytest.raises(SystemExit):  # --adapter and --compare exclude each other
-        vif_main(["eval", "--model", "m", "--benchmark", "b", "--metric", "vqa", "--adapter", "a", "--compare", "a"])
+        vif_main(["eval", "--model", "m", "--benchmark", "b", "--metric", "vqa", "--adapter", "a", "--compare", "a"])  # fmt: skip

@@ -51,6 +51,27 @@ from vif.eval.metrics import (
         ("what?", "what"),
         ("its", "its"),  # a real word, not a contraction to repair
         ("", ""),
+        # Corner cases, checked by hand against the official VQA evaluation script's rules.
+        (".5", ".5"),  # a period before a digit is part of a number
+        ("3.5.", "3.5"),  # ... a trailing one is not
+        ("1,000 dogs, 3 cats", "1000 dogs 3 cats"),  # a thousands comma: ALL marks are removed
+        ("Isn't it?", "isn't it"),  # apostrophes are kept
+        ("12:30", "12:30"),  # colons are kept
+        ("100%", "100%"),  # "%" and "&" are not in the punctuation list
+        ("fish & chips", "fish & chips"),
+        ("ten", "10"),
+        ("eleven", "eleven"),  # only zero..ten are mapped
+        ("A", ""),  # nothing but an article
+        ("The the", ""),
+        ("hes", "he's"),
+        ("well", "well"),  # a word, not "we'll"
+        ("@home", "home"),  # glued mark -> space, then whitespace collapses
+        ("2 + 2", "2 2"),  # spaced mark -> removed
+        ("co-op, inc.", "co op inc"),  # each mark decided on its own: "-" glued, "," spaced
+        ("Mr. Smith", "mr smith"),
+        ("U.S.A.", "usa"),
+        ('"quoted"', "quoted"),
+        ("yes!!!", "yes"),
     ],
 )
 def test_normalize_vqa(raw: str, expected: str) -> None:
@@ -309,6 +330,10 @@ def _approx_box(box: tuple[float, ...] | None) -> object:
         ("[-10, 20, 250, 80]", {"image_size": (200, 100)}, (0.0, 0.2, 1.0, 0.8)),
         # the first box wins
         ("[0.1, 0.1, 0.2, 0.2] and [0.5, 0.5, 0.9, 0.9]", {}, (0.1, 0.1, 0.2, 0.2)),
+        # space-separated numbers inside brackets
+        ("[0.1 0.2 0.3 0.4]", {}, (0.1, 0.2, 0.3, 0.4)),
+        # a malformed group does not hide a well-formed box after it
+        ("[0.1, 0.2] then [0.5, 0.5, 0.6, 0.6]", {}, (0.5, 0.5, 0.6, 0.6)),
     ],
 )
 def test_parse_box_formats(text: str, kwargs: dict, expected: tuple[float, ...]) -> None:
@@ -325,6 +350,14 @@ def test_parse_box_formats(text: str, kwargs: dict, expected: tuple[float, ...])
         ("[0.1, 0.2, 0.1, 0.5]", {}),  # zero width
         ("[1500, 20, 1800, 90]", {}),  # pixels but no image size
         ("[2, 3, 5, 6]", {"image_size": (100, 100), "coord_format": "normalized"}),  # clips to a point
+        ("", {}),
+        ("[a, b, c, d]", {}),  # no numbers in the brackets
+        ("<box></box>", {}),  # an empty tag
+        ("[nan, 0.1, 0.2, 0.3]", {}),  # "nan" is not a number: three numbers
+        ("1 2 3 4 5", {}),  # bare text with five numbers is ambiguous
+        ("<box>(10,20),(30)</box>", {}),  # a tag holding three numbers
+        ("[0.5, 0.5, 0.5, 0.9]", {"coord_format": "normalized"}),  # zero width
+        ("[1.2, 1.2, 1.5, 1.5]", {"coord_format": "normalized"}),  # outside the image: clips to a point
     ],
 )
 def test_parse_box_unparseable(text: str, kwargs: dict) -> None:
@@ -457,3 +490,34 @@ def test_aggregate_errors() -> None:
     with pytest.raises(ValueError, match="same order"):
         aggregate("vqa", [{"accuracy": 1.0}], [])
     assert aggregate("vqa", [], []) == {"num_samples": 0}
+
+
+def test_scorers_hand_made_values() -> None:
+    # vqa: 2 of 10 humans said "two" -> 0.6, whatever the prediction's case / article / number form
+    answers = ["2", "2"] + ["3"] * 8
+    assert METRICS["vqa"]("Two.", {"answer": answers}) == {"accuracy": pytest.approx(0.6)}
+    # exact_match: any of several acceptable answers
+    assert METRICS["exact_match"]("a T-shirt", {"answer": ["shirt", "t shirt"]}) == {"accuracy": 1.0}
+    # multiple_choice: the answer given as option text, the prediction as a bracketed letter
+    assert METRICS["multiple_choice"]("(c)", {"options": OPTIONS, "answer": "Bird"}) == {
+        "accuracy": 1.0,
+        "unparsed": 0.0,
+    }
+    # yes_no: a capitalised reference; a hedge is unparsed and wrong
+    assert METRICS["yes_no"]("no.", {"answer": "No"}) == {"accuracy": 1.0, "unparsed": 0.0}
+    assert METRICS["yes_no"]("yes or no", {"answer": "No"}) == {"accuracy": 0.0, "unparsed": 1.0}
+    # refcoco: prediction covers the left 3/4 of a box covering the right 3/4 -> IoU 1/2, counts
+    record = {"bbox": [0.25, 0.0, 1.0, 1.0]}
+    result = METRICS["refcoco"]("[0.0, 0.0, 0.75, 1.0]", record)
+    assert result == {"accuracy": 1.0, "iou": pytest.approx(0.5), "unparsed": 0.0}
+    # ... and the left half of the image: intersection 1/4, union 1 -> IoU 1/4 < 0.5
+    result = METRICS["refcoco"]("[0.0, 0.0, 0.5, 1.0]", record)
+    assert result == {"accuracy": 0.0, "iou": pytest.approx(0.25), "unparsed": 0.0}
+
+
+def test_aggregate_multiple_choice_unparsed_fraction() -> None:
+    records = [{"options": OPTIONS, "answer": "A"}] * 4
+    predictions = ["A", "(B)", "no idea", "cat"]
+    scores = [METRICS["multiple_choice"](p, r) for p, r in zip(predictions, records)]
+    summary = aggregate("multiple_choice", scores, records)
+    assert summary == {"num_samples": 4, "accuracy": 0.5, "unparsed": 0.25}

@@ -150,13 +150,23 @@ def read_benchmark(
             )
         if "options" in record:
             options = record["options"]
-            if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-                raise BenchmarkError(f"{where}: field 'options' must be a list of 2 or more strings, got {options!r}")
+            if (
+                not isinstance(options, list)
+                or len(options) < 2
+                or not all(isinstance(o, str) for o in options)
+            ):
+                raise BenchmarkError(
+                    f"{where}: field 'options' must be a list of 2 or more strings, got {options!r}"
+                )
             if len(options) > len(OPTION_LETTERS):
                 raise BenchmarkError(f"{where}: field 'options' has {len(options)} entries; at most 26 (A-Z)")
         if metric == "refcoco":
             bbox = record.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, int | float) for v in bbox):
+            if (
+                not isinstance(bbox, list)
+                or len(bbox) != 4
+                or not all(isinstance(v, int | float) for v in bbox)
+            ):
                 raise BenchmarkError(f"{where}: field 'bbox' must be a list of 4 numbers, got {bbox!r}")
         # Score an empty prediction: the metric itself checks every field it reads
         # ('answer', 'options', 'bbox', ...) and says what is wrong.

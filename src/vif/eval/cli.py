@@ -22,12 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved model folder (save_pretrained) or hub id")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--adapter", help="VIF adapter folder: evaluate base + VIF only")
-    which.add_argument("--compare", metavar="ADAPTER_DIR", help="VIF adapter folder: evaluate base AND base + VIF")
-    parser.add_argument("--benchmark", required=True, help="benchmark file, JSON list or JSONL (see docs/eval.md)")
+    which.add_argument(
+        "--compare", metavar="ADAPTER_DIR", help="VIF adapter folder: evaluate base AND base + VIF"
+    )
+    parser.add_argument(
+        "--benchmark", required=True, help="benchmark file, JSON list or JSONL (see docs/eval.md)"
+    )
     parser.add_argument("--metric", required=True, help=f"one of: {', '.join(sorted(METRICS))}")
     parser.add_argument("--image-folder", help="folder the image paths are relative to (default: the file's)")
     parser.add_argument("--output-dir", default="eval-out", help="where predictions and summary.json go")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per generation batch (left-padded)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="samples per generation batch (left-padded)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument(
         "--instruction",

@@ -118,7 +118,11 @@ def generate_answers(
     }
     tokenizer = tokenizer_of(processor)
     generation_config = _unwrap(model).generation_config
-    eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = (
+        generation_config.eos_token_id
+        if generation_config.eos_token_id is not None
+        else tokenizer.eos_token_id
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     output = model.generate(
         **inputs,

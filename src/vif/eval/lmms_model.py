@@ -46,7 +46,9 @@ def _to_image(url: Any) -> Image.Image:
     if isinstance(url, str | Path) and Path(url).is_file():
         with Image.open(url) as image:
             return image.convert("RGB")
-    raise ValueError(f"cannot use {type(url).__name__} {str(url)[:80]!r} as an image (expected a PIL image or a file)")
+    raise ValueError(
+        f"cannot use {type(url).__name__} {str(url)[:80]!r} as an image (expected a PIL image or a file)"
+    )
 
 
 def messages_and_images(raw_messages: Any, task: str) -> tuple[list[dict[str, Any]], list[Image.Image]]:
@@ -69,7 +71,9 @@ def messages_and_images(raw_messages: Any, task: str) -> tuple[list[dict[str, An
     return messages, images
 
 
-def greedy_settings(gen_kwargs: dict[str, Any], task: str, default_max_new_tokens: int) -> tuple[int, list[str]]:
+def greedy_settings(
+    gen_kwargs: dict[str, Any], task: str, default_max_new_tokens: int
+) -> tuple[int, list[str]]:
     """``(max_new_tokens, stop strings)`` of a task's generation kwargs; refuses sampling / beams."""
     if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0:
         raise ValueError(
@@ -77,7 +81,9 @@ def greedy_settings(gen_kwargs: dict[str, Any], task: str, default_max_new_token
             "Set do_sample: false and temperature: 0 in the task's generation_kwargs."
         )
     if int(gen_kwargs.get("num_beams") or 1) != 1:
-        raise ValueError(f"task {task!r} asks for beam search ({gen_kwargs}); the vif models generate greedily.")
+        raise ValueError(
+            f"task {task!r} asks for beam search ({gen_kwargs}); the vif models generate greedily."
+        )
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     return int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens), until
@@ -120,7 +126,9 @@ class VIFChat(lmms):
         if str(batch_size).startswith("auto"):
             raise ValueError("--batch_size auto is not supported by the vif models; give a number.")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("the vif lmms-eval models run in one process; launch without accelerate/torchrun.")
+            raise ValueError(
+                "the vif lmms-eval models run in one process; launch without accelerate/torchrun."
+            )
         overrides = {} if alpha is None else {"alpha": float(alpha)}
         model, processor = load_model(
             pretrained,
@@ -175,7 +183,9 @@ class VIFChat(lmms):
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]
                     conversations, images = zip(*(self._conversation(requests[i]) for i in chunk))
-                    texts = generate_answers(self._model, self.processor, conversations, images, max_new_tokens)
+                    texts = generate_answers(
+                        self._model, self.processor, conversations, images, max_new_tokens
+                    )
                     for i, text in zip(chunk, texts):
                         answers[i] = cut_at_stop(text, until)
                         self.cache_hook.add_partial("generate_until", requests[i].args[:1], answers[i])

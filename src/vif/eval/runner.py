@@ -205,7 +205,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A small text table of the runs' mean scores (what ``vif eval`` prints)."""
     runs = summary["runs"]
     keys = sorted(
-        {k for run in runs.values() for k, v in run["scores"].items() if k != "num_samples" and isinstance(v, float)}
+        {
+            k
+            for run in runs.values()
+            for k, v in run["scores"].items()
+            if k != "num_samples" and isinstance(v, float)
+        }
     )
     lines = [f"{summary['metric']} on {summary['benchmark']} ({summary['num_samples']} samples)"]
     lines.append("  ".join([f"{'run':<6}"] + [f"{k:>10}" for k in keys] + [f"{'seconds':>9}"]))
