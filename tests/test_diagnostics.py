@@ -245,10 +245,15 @@ def test_probe_equals_eager_output_attentions_qwen2_5_vl(tmp_path):
     images = write_images(tmp_path / "images", len(QA))
     data = write_data(tmp_path / "data.json", images)
     fast, slow, processor = load_pair(model_dir)
-    a = run(fast, processor, data, tmp_path, "probe", "answer")
-    b = run(slow, processor, data, tmp_path, "attentions", "answer")
-    assert_same(a, b, FP32)
+    for rows in ("answer", "generated"):  # generated: M-RoPE decoding with the KV cache
+        a = run(fast, processor, data, tmp_path, "probe", rows, max_new_tokens=3)
+        b = run(slow, processor, data, tmp_path, "attentions", rows, max_new_tokens=3)
+        assert_same(a, b, FP32)
     assert len({r.visual.shape[1] for r in a.records}) > 1  # the images have different grids
+    assert a.records[0].images[0].shape[:2] == (  # pictures recovered from Qwen's patch rows
+        14 * 2 * a.records[0].grids[0][0],
+        14 * 2 * a.records[0].grids[0][1],
+    )
     torch.manual_seed(0)
     adapter = vif.attach(fast, vif.VIFConfig.preset("compact", fast)).save_pretrained(tmp_path / "adapter")
     fast, slow, processor = load_pair(model_dir, adapter)

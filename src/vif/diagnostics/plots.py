@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.colors import PowerNorm
 
 # Figures are built with matplotlib's object API, never pyplot: nothing here touches the
 # process-wide backend or figure registry of a user's notebook, and files need no display.
@@ -35,6 +36,7 @@ def _injection_bands(ax: Axes, runs: list[Run]) -> None:
             d + 0.5,
             color="#DD8452",
             alpha=0.12,
+            zorder=0,
             lw=0,
             label="VIF injection layers" if i == 0 else None,
         )
@@ -202,8 +204,9 @@ def _overlay(
         alpha=0.6,
         extent=extent,
         interpolation="bilinear",
-        vmin=0.0,
-        vmax=vmax,
+        # Square-root colour scale shared by the figure: one hot token does not wash out
+        # every other map, and panels stay comparable.
+        norm=PowerNorm(0.5, vmin=0.0, vmax=vmax),
     )
 
 
@@ -212,7 +215,7 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
 
     Rows: each run's attention; for a run with VIF, a row with its importance map pi under
     the injection layers. Every panel shows ``Nv * p`` (1 = the uniform share) on one
-    colour scale per figure, 0 to the figure's peak, so a flat (attenuated) map is
+    square-root colour scale per figure, 0 to the figure's peak, so a flat (attenuated) map is
     uniformly cool and a focused one shows a hot spot. Returns
     ``[{"path", "sample", "image", "meta", "runs"}]`` for the report.
     """
@@ -267,6 +270,8 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
             if mappable is not None:
                 bar = fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01)
                 bar.solids.set_alpha(1.0)  # the scale itself opaque, not at the overlay's alpha
+                ticks = [t for t in bar.get_ticks() if 0 <= t <= vmax]
+                bar.set_ticks(sorted({*ticks, 1.0}))  # 1 = the uniform share
                 bar.set_label("attention share x Nv  (1 = uniform)", fontsize=7)
                 bar.ax.tick_params(labelsize=7)
             name = f"sample{s:03d}_image{j}.png"

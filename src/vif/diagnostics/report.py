@@ -24,6 +24,11 @@ def _fmt(x: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
+def _token_range(counts: dict[str, Any]) -> str:
+    low, high = counts["min"], counts["max"]
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def _headline(summaries: list[dict[str, Any]], diff: dict[str, Any] | None) -> str:
     first = summaries[0]
     deep = first["deep_layers"]
@@ -31,7 +36,7 @@ def _headline(summaries: list[dict[str, Any]], diff: dict[str, Any] | None) -> s
         f"<p>{first['n_samples']} samples with images ({first['n_skipped_without_image']} without images skipped); "
         f"query rows: <code>{html.escape(first['rows'])}</code> (mean {_fmt(first['mean_rows_per_sample'], 1)} "
         f"per sample); route: <code>{first['route']}</code>; image tokens per sample: "
-        f"{first['n_image_tokens']['min']}-{first['n_image_tokens']['max']}.</p>",
+        f"{_token_range(first['n_image_tokens'])}.</p>",
         "<table><tr><th></th><th>deep-layer entropy (nats)</th><th>deep-layer visual ratio</th></tr>",
     ]
     for s in summaries:
@@ -50,6 +55,14 @@ def _headline(summaries: list[dict[str, Any]], diff: dict[str, Any] | None) -> s
         "of the per-layer mean entropy. The paper reports 5.36 (LLaVA-1.5-7B) vs 3.23 (VIF), "
         "maximum ln 576 = 6.36.</p>"
     )
+    for s in summaries:
+        if s["vif"]:
+            maps = ", ".join(f"layer {d}: {_fmt(h)}" for d, h in s["vif"]["importance_entropy"].items())
+            lines.append(
+                f"<p><b>{html.escape(s['label'])}</b>: alpha = {s['vif']['alpha']}, injection layers "
+                f"{s['vif']['injection_layers']}; entropy of VIF's importance map pi (nats, mean over "
+                f"samples): {maps}.</p>"
+            )
     return "\n".join(lines)
 
 
@@ -133,8 +146,10 @@ def write_html(
     body.append("<h2>Heatmaps</h2>")
     body.append(
         "<p class='caption'>The renormalised visual attention of the query rows (mean over heads and rows) on the "
-        "image token grid, bilinearly upsampled over the image the model saw; colour scale 0 to each map's peak. "
-        "H: entropy (nats), r: visual attention ratio.</p>"
+        "image token grid, bilinearly interpolated between patch centres over the image the model saw "
+        "(after the processor's padding / cropping). Values are the share of each token times the number of "
+        "image tokens (1 = uniform); one square-root colour scale per figure, from 0 to its largest value. With VIF, "
+        "the last row shows its importance map pi. H: entropy (nats), r: visual attention ratio.</p>"
     )
     body.append(_heatmap_section(heatmaps))
     body.append("<p class='caption'>Numbers: <a href='summary.json'>summary.json</a>.</p>")
