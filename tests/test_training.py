@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import vif
 from vif.data.llava_format import BadImageError, LlavaFormatDataset, VIFCollator
 from vif.loading import load_model
-from vif.tiny import build_tiny_llava
+from vif.tiny import build_tiny_llava, build_tiny_qwen2_5_vl
 from vif.training import RecipeError, TrainingDataError, load_recipe, train
 from vif.training.api import build_trainer
 from vif.training.parts import part_of
@@ -285,20 +285,45 @@ def test_control_arm_without_vif(setup, tmp_path):
     assert type(model).__name__ == "LlavaForConditionalGeneration"
 
 
+def test_qwen2_5_vl_lora_with_vif(setup, tmp_path):
+    # Nothing in the trainer is LLaVA-specific: the same recipe trains a Qwen2.5-VL folder.
+    model = build_tiny_qwen2_5_vl(
+        tmp_path / "qwen", WORDS, hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=1
+    )
+    r = recipe(
+        setup,
+        tmp_path / "out",
+        model=str(model),
+        vif=VIF,
+        init_adapter=None,
+        trainable={"mode": "lora", "projector": True, "lora": {"r": 4, "alpha": 8}},
+        schedule__max_steps=3,
+    )
+    result = train(r)
+    assert result.trainable["projector"] > 0 and result.metrics["kl"] > 0
+    base, _ = load_model(model, device="cpu", dtype="float32")
+    merged, _ = load_model(result.model_path, device="cpu", dtype="float32", adapter=result.vif_adapter)
+    merged_params = dict(merged.base_model.named_parameters())
+    changed = {part_of(n) for n, p in base.named_parameters() if not torch.equal(p, merged_params[n])}
+    assert changed == {"language", "projector"}  # the merger trained in full, the vision blocks frozen
+
+
 # -----------------------------------------------------------------------------
 # Resume and several processes
 
 
 @pytest.mark.slow
-def test_resume_reaches_the_uninterrupted_parameters(setup, tmp_path):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_reaches_the_uninterrupted_parameters(setup, tmp_path, mode):
     full = recipe(
         setup,
         tmp_path / "a",
         schedule__max_steps=6,
         save_steps=3,
-        trainable={"mode": "lora", "lora": {"r": 4, "alpha": 8}},
+        trainable={"mode": mode, "lora": {"r": 4, "alpha": 8}},
     )
     # LoRA dropout and the posterior's noise make the run depend on the restored RNG state too.
+    # 4 samples, batch 2: the interruption at step 3 falls mid-epoch, so batches must be skipped.
     a = train(full)
     # An interrupted run: only checkpoint-3 survived.
     shutil.copytree(a.output_dir / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
@@ -306,7 +331,8 @@ def test_resume_reaches_the_uninterrupted_parameters(setup, tmp_path):
         train({**full, "output_dir": str(tmp_path / "b")})
     b = train({**full, "output_dir": str(tmp_path / "b"), "resume": True})
     assert b.global_step == 6
-    for name in ("adapter_model.safetensors", "vif/vif_module.safetensors"):
+    weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    for name in (weights, "vif/vif_module.safetensors"):
         wa, wb = load_file(a.output_dir / name), load_file(b.output_dir / name)
         assert wa.keys() == wb.keys()
         for k in wa:

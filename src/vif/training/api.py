@@ -80,7 +80,8 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
                 precision                   auto | bf16 | fp16 | fp32  [auto: bf16 on a GPU that has it]
                 activation_checkpointing    [true]
                 seed [42], logging_steps [10], save_steps [500], save_total_limit [2],
-                dataloader_num_workers [0], report_to [none], output_dir [runs/vif]
+                dataloader_num_workers [0], report_to [none], deepspeed [null: a DeepSpeed JSON],
+                output_dir [runs/vif]
                 resume                      false | true (last checkpoint in output_dir) | a checkpoint path
 
         overrides: dotted keys replacing recipe values, e.g. ``**{"schedule.max_steps": 10}``.
@@ -183,6 +184,7 @@ def build_trainer(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any
         seed=recipe.seed,
         dataloader_num_workers=recipe.dataloader_num_workers,
         report_to=recipe.report_to,
+        deepspeed=recipe.deepspeed,
         remove_unused_columns=False,  # the collator builds exactly the model's inputs
         label_names=["labels"],
         ddp_find_unused_parameters=False,

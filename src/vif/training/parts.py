@@ -139,7 +139,7 @@ def parameter_groups(
         groups[key].append(param)
     rates = {"vif": vif_lr, "projector": projector_lr, "language": lr}
     return [
-        {"params": params, "lr": rates[key], "weight_decay": weight_decay, "name": key}
+        {"params": params, "lr": rates[key], "weight_decay": weight_decay}
         for key, params in groups.items()
         if params
     ]

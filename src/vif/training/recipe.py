@@ -41,6 +41,8 @@ hour into a job. Schema (every key but ``model`` and ``data.json`` has a default
     save_total_limit: 2
     dataloader_num_workers: 0
     report_to: none                       # none | tensorboard | wandb | ... (transformers integrations)
+    deepspeed: null                       # a DeepSpeed JSON (e.g. recipes/deepspeed_zero2.json) for torchrun
+                                          # launches; with `accelerate launch --config_file` leave it null
     output_dir: runs/llava-vif
     resume: false                         # true: continue from the last checkpoint in output_dir; or a path
 
@@ -133,6 +135,7 @@ class Recipe:
     save_total_limit: int | None = 2
     dataloader_num_workers: int = 0
     report_to: str = "none"
+    deepspeed: str | None = None
     output_dir: str = "runs/vif"
     resume: bool | str = False
 
@@ -225,6 +228,8 @@ class Recipe:
             raise RecipeError(f"trainable.lora.dropout must be in [0, 1), got {self.trainable.lora.dropout}.")
         if self.optimizer.weight_decay < 0:
             raise RecipeError(f"optimizer.weight_decay must be >= 0, got {self.optimizer.weight_decay}.")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise RecipeError(f"deepspeed: {self.deepspeed!r} is not a file; give a DeepSpeed JSON config.")
         if self.schedule.max_steps <= 0 and self.schedule.epochs <= 0:
             raise RecipeError(
                 "set schedule.epochs > 0 or schedule.max_steps > 0; as given, nothing would train."
