@@ -23,7 +23,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 import vif
-from vif.diagnostics import collect, compare, diagnose, select_rows, summarise
+from vif.backbones import get_backbone
+from vif.diagnostics import AttentionProbe, collect, compare, diagnose, probing, select_rows, summarise
 from vif.diagnostics.inputs import iter_batches
 from vif.injection import PROBE_ATTRIBUTE
 from vif.loading import load_model
@@ -184,6 +185,21 @@ def test_probe_equals_eager_output_attentions(llava, rows):
     assert not any(hasattr(m, PROBE_ATTRIBUTE) for m in fast.modules())
 
 
+def test_probe_leaves_the_model_outputs_bit_identical(llava):
+    model, processor = load_model(llava["model"], "cpu", "float32", "sdpa")
+    batch, _ = next(iter_batches(str(llava["data"]), processor, llava["root"], 3))
+    layout = get_backbone(model).vision_layout(batch)
+    selection = select_rows(batch["attention_mask"], layout.token_mask(), batch["labels"], "answer")
+    probe = AttentionProbe()
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with probing(model, probe):
+            probe.expect(layout, selection)
+            probed = model(**batch).logits
+    assert torch.equal(plain, probed)
+    assert sorted(probe.sums) == list(range(8))  # and the probe did see every layer
+
+
 @pytest.mark.parametrize(
     "rows, injection", [("auto", "fused"), ("auto", "materialised"), ("generated", "fused")]
 )
@@ -218,7 +234,7 @@ def test_probe_equals_eager_output_attentions_with_vif(llava, rows, injection):
 
 def test_injected_rows_mix_in_the_map_exactly(llava):
     """In an injected layer A' = ((1-a) A + a pi) / ((1-a) + a m): on the image, per row."""
-    fast, _, processor = load_pair(llava["model"], llava["adapter"])
+    fast, processor = load_model(llava["model"], "cpu", "float32", "sdpa", adapter=llava["adapter"])
     fast.config_vif.alpha = 1.0  # A' on the image is then exactly pi (every chosen row sees the image)
     col = run(
         fast,
@@ -276,6 +292,34 @@ def test_diagnose_pil_samples_and_outputs(llava, tmp_path):
     assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == 2
 
 
+def test_text_only_samples_are_counted_and_skipped(llava, tmp_path):
+    records = json.loads(llava["data"].read_text())[:2]
+    records.insert(
+        1,
+        {
+            "id": "text",
+            "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "Yes"}],
+        },
+    )
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    model, processor = load_model(llava["model"], "cpu", "float32", "sdpa")
+    summary = diagnose(
+        model,
+        str(data),
+        tmp_path / "out",
+        processor=processor,
+        image_folder=llava["root"],
+        n_heatmaps=0,
+        progress=False,
+    )
+    assert summary["n_samples"] == 2 and summary["n_skipped_without_image"] == 1
+    text_only = tmp_path / "text.json"
+    text_only.write_text(json.dumps(records[1:2]))
+    with pytest.raises(ValueError, match="no sample with an image"):
+        diagnose(model, str(text_only), tmp_path / "out2", processor=processor, progress=False)
+
+
 def test_errors_name_the_fix(llava, tmp_path):
     model, processor = load_model(llava["model"], "cpu", "float32", "sdpa")
     data = str(llava["data"])
@@ -331,7 +375,9 @@ def test_cli_compare_end_to_end(llava, tmp_path, capsys):
 
 def test_compare_python_api_with_a_vif_model(llava, tmp_path):
     model, processor = load_model(llava["model"], "cpu", "float32", "sdpa", adapter=llava["adapter"])
-    result = compare(None, model, str(llava["data"]), tmp_path, processor=processor, progress=False)
+    result = compare(
+        None, model, str(llava["data"]), tmp_path, processor=processor, n_heatmaps=1, progress=False
+    )
     assert result["base"]["label"] == "base" and result["vif"]["label"] == "VIF"
     assert model._runtime.enabled  # re-enabled after the base run
     assert not np.isclose(result["difference"]["deep_entropy"], 0.0)

@@ -48,7 +48,7 @@ def _run(model: nn.Module, samples: Any, label: str, options: dict[str, Any]) ->
     processor = options["processor"]
     mean, std = _image_norm(processor)
     batches = iter_batches(samples, processor, options["image_folder"], options["batch_size"])
-    return collect(
+    collection = collect(
         model,
         batches,
         rows=options["rows"],
@@ -64,6 +64,12 @@ def _run(model: nn.Module, samples: Any, label: str, options: dict[str, Any]) ->
         progress=options["progress"],
         total=_total(samples),
     )
+    if not collection.records:
+        raise ValueError(
+            f"no sample with an image was seen ({collection.skipped} text-only samples skipped); the "
+            "diagnostics measure attention on image tokens. Give samples with images."
+        )
+    return collection
 
 
 def write_outputs(
