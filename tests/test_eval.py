@@ -123,28 +123,37 @@ def manual_greedy(model, processor, question, image, max_new_tokens):
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def test_generation_matches_manual_greedy_loop(llava, llava_vif):
+@pytest.fixture(scope="module")
+def one_at_a_time(llava, llava_vif):
+    """Predictions of every sample of the benchmark, generated with batch size 1 (no padding)."""
     vmodel, processor = llava_vif
-    samples = read_benchmark(llava["bench"], "exact_match")[:3]
+    samples = read_benchmark(llava["bench"], "exact_match")
     with vmodel.disabled():
-        got = answers(vmodel, processor, samples, batch_size=3)
-        for sample, prediction in zip(samples, got):
+        base = answers(vmodel, processor, samples, batch_size=1)
+    return {"samples": samples, "base": base, "vif": answers(vmodel, processor, samples, batch_size=1)}
+
+
+def test_generation_matches_manual_greedy_loop(llava_vif, one_at_a_time):
+    vmodel, processor = llava_vif
+    with vmodel.disabled():
+        for sample, prediction in list(zip(one_at_a_time["samples"], one_at_a_time["base"]))[:3]:
             image = Image.open(sample.image_path).convert("RGB")
             question = build_question(sample, "exact_match")
             assert prediction == manual_greedy(vmodel, processor, question, image, MAX_NEW_TOKENS)
-    assert all(prediction for prediction in got)
+    assert all(one_at_a_time["base"])  # something was generated
 
 
-def test_batched_left_padded_equals_batch_size_one(llava, llava_vif):
+def test_batched_left_padded_equals_batch_size_one(llava_vif, one_at_a_time):
     vmodel, processor = llava_vif
-    samples = read_benchmark(llava["bench"], "exact_match")
+    samples = one_at_a_time["samples"]
     # The batch really is padded: the prompts have different token lengths.
     prompts = [render_prompt(processor, user_message(build_question(s, "exact_match"))) for s in samples]
     lengths = {len(processor.tokenizer(prompt)["input_ids"]) for prompt in prompts}
     assert len(lengths) > 1
-    assert answers(vmodel, processor, samples, 1) == answers(vmodel, processor, samples, 4)
+    assert answers(vmodel, processor, samples, batch_size=len(samples)) == one_at_a_time["vif"]
     with vmodel.disabled():
-        assert answers(vmodel, processor, samples, 1) == answers(vmodel, processor, samples, 4)
+        assert answers(vmodel, processor, samples, batch_size=len(samples)) == one_at_a_time["base"]
+    # (The end-to-end test below checks batch size 4, i.e. a full and a partial batch.)
 
 
 def test_qwen2_5_vl_batched_equals_batch_size_one(tmp_path):
@@ -172,12 +181,8 @@ def test_qwen2_5_vl_batched_equals_batch_size_one(tmp_path):
 # -------------------------------------------------------------------------------------
 
 
-def test_vif_eval_cli_compare_end_to_end(llava, llava_vif, tmp_path, capsys):
-    vmodel, processor = llava_vif
-    samples = read_benchmark(llava["bench"], "exact_match")
-    with vmodel.disabled():
-        base_predictions = answers(vmodel, processor, samples, batch_size=1)
-    vif_predictions = answers(vmodel, processor, samples, batch_size=1)
+def test_vif_eval_cli_compare_end_to_end(llava, one_at_a_time, tmp_path, capsys):
+    base_predictions, vif_predictions = one_at_a_time["base"], one_at_a_time["vif"]
     assert base_predictions != vif_predictions  # otherwise this test could not tell the runs apart
 
     # Half of the references are the base model's own answers: base accuracy is exactly 0.5.
@@ -311,6 +316,14 @@ def test_malformed_benchmark_names_line_sample_and_field(folder, lines, metric, 
     bench.write_text("\n".join(lines) + "\n")
     with pytest.raises(BenchmarkError, match=message):
         read_benchmark(bench, metric)
+
+
+def test_limit(folder):
+    records = [{"id": f"q{i}", "image": "images/img_0.png", "question": "q", "answer": "a"} for i in range(3)]
+    bench = write_jsonl(folder / "b.jsonl", records)
+    assert [s.id for s in read_benchmark(bench, "vqa", limit=2)] == ["q0", "q1"]
+    with pytest.raises(BenchmarkError, match="limit must be a positive"):
+        read_benchmark(bench, "vqa", limit=0)
 
 
 def test_missing_and_corrupt_images_are_all_listed(folder):

@@ -127,6 +127,8 @@ def read_benchmark(
         ValueError: an unknown metric.
     """
     scorer = get_metric(metric)
+    if limit is not None and limit < 1:
+        raise BenchmarkError(f"limit must be a positive number of samples, got {limit}")
     path = Path(path)
     root = Path(image_folder) if image_folder is not None else path.parent
     pairs = _parse_records(path)
