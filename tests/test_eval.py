@@ -11,7 +11,7 @@ from PIL import Image
 
 import vif
 from vif.cli import main as vif_main
-from vif.eval import evaluate
+from vif.eval import aggregate, evaluate, format_summary
 from vif.eval.benchmark import (
     BOX_PROMPT,
     LETTER_ANSWER,
@@ -255,6 +255,64 @@ def test_evaluate_api_single_runs_and_no_output(llava, llava_vif):
         ValueError, match="unknown metric 'bleu'; known metrics: exact_match, multiple_choice"
     ):
         evaluate(vmodel, processor, llava["bench"], "bleu")
+
+
+def test_evaluate_multiple_choice_and_refcoco_outputs(llava, llava_vif, tmp_path):
+    vmodel, processor = llava_vif
+    image = llava["records"][0]["image"]
+    mc = [
+        {"id": "m0", "image": image, "question": "which color?", "options": ["red", "green"], "answer": "A"},
+        {"id": "m1", "image": image, "question": "how many shapes?", "options": ["1", "2", "3"], "answer": 2},
+    ]
+    ref = [
+        {
+            "id": "r0",
+            "image": image,
+            "question": "the square",
+            "bbox": [10, 10, 40, 40],
+            "image_size": [64, 48],
+        }
+    ]
+    for metric, records, keys in (
+        ("multiple_choice", mc, {"num_samples", "accuracy", "unparsed"}),
+        ("refcoco", ref, {"num_samples", "accuracy", "iou", "unparsed"}),
+    ):
+        bench = write_jsonl(llava["root"] / f"{metric}.jsonl", records)
+        out = tmp_path / metric
+        summary = evaluate(vmodel, processor, bench, metric, out, max_new_tokens=3, progress=False)
+        assert set(summary["runs"]["vif"]["scores"]) == keys
+        rows = [json.loads(line) for line in (out / "predictions_vif.jsonl").read_text().splitlines()]
+        assert [row["id"] for row in rows] == [r["id"] for r in records]
+        for row, record in zip(rows, records):
+            assert set(row["scores"]) == keys - {"num_samples"}
+            assert row["scores"] == vif.eval.metrics.METRICS[metric](row["prediction"], record)
+    assert rows[0]["bbox"] == [10, 10, 40, 40] and rows[0]["prompt"].endswith("the square")
+
+
+def test_format_summary_lists_runs_delta_and_mme():
+    records = [
+        {"question_id": "i1", "category": "color", "answer": "yes"},
+        {"question_id": "i1", "category": "color", "answer": "no"},
+    ]
+    base = aggregate(
+        "yes_no", [{"accuracy": 1.0, "unparsed": 0.0}, {"accuracy": 0.0, "unparsed": 1.0}], records
+    )
+    vif_scores = aggregate("yes_no", [{"accuracy": 1.0, "unparsed": 0.0}] * 2, records)
+    summary = {
+        "metric": "yes_no",
+        "benchmark": "mme.jsonl",
+        "num_samples": 2,
+        "runs": {"base": {"scores": base, "seconds": 1.0}, "vif": {"scores": vif_scores, "seconds": 2.0}},
+        "delta": {"accuracy": 0.5, "unparsed": -0.5},
+    }
+    lines = format_summary(summary).splitlines()
+    assert lines[0] == "yes_no on mme.jsonl (2 samples)"
+    assert lines[1].split() == ["run", "accuracy", "unparsed", "seconds"]
+    assert lines[2].split() == ["base", "0.5000", "0.5000", "1.0"]
+    assert lines[3].split() == ["vif", "1.0000", "0.0000", "2.0"]
+    assert lines[4].split() == ["delta", "+0.5000", "-0.5000"]
+    assert lines[5] == "base MME: total 50.0, acc 50.0, acc+ 0.0"
+    assert lines[6] == "vif MME: total 200.0, acc 100.0, acc+ 100.0"
 
 
 # -------------------------------------------------------------------------------------
