@@ -180,6 +180,25 @@ def test_recipe_errors():
     assert load_recipe(ok, **{"schedule.max_steps": 7}).schedule.max_steps == 7
 
 
+def test_cli_train_and_resume(setup, tmp_path, capsys):
+    from vif.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(setup, tmp_path / "out", save_steps=1)))
+    assert main(["train", str(path), "--check", "--set", "optimizer.lr=5e-4"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimizer"]["lr"] == 5e-4
+    with pytest.raises(RecipeError, match="holds no checkpoint"):
+        main(["train", str(path), "--resume"])
+    assert main(["train", str(path), "--set", "schedule.max_steps=1"]) == 0
+    assert '"global_step": 1' in capsys.readouterr().out
+    assert (tmp_path / "out" / "checkpoint-1").is_dir()
+    assert main(["train", str(path), "--set", "schedule.max_steps=2", "--resume"]) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    with pytest.raises(RecipeError, match=r"--set 'nonsense': expected KEY=VALUE"):
+        main(["train", str(path), "--set", "nonsense"])
+
+
 # -----------------------------------------------------------------------------
 # The objective
 
