@@ -7,13 +7,18 @@ is text only, sample 2 holds one 2 x 2 image, and ``mm_token_type_ids`` gives th
 tokens their 2-D M-RoPE positions.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig
+from PIL import Image
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 
 import vif
 from vif.backbones import get_backbone
 from vif.gmm import Mixture, grid_coordinates, render
+from vif.loading import load_model
 from vif.testing import (
     QWEN_FAMILIES,
     QWEN_IMAGE_TOKEN_ID,
@@ -22,9 +27,22 @@ from vif.testing import (
     qwen_sample,
     tiny_qwen,
 )
+from vif.tiny import build_tiny_qwen2_5_vl
+from vif.training import load_recipe, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 MIXED = [([(2, 3), (3, 2)], 3, 6), ([], 5, 7), ([(2, 2)], 2, 4)]
 family = pytest.mark.parametrize("family", QWEN_FAMILIES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are many small ops: on the shared 2-core CI box two intra-op threads are slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def paper(model, **overrides):
@@ -307,3 +325,90 @@ def test_paper_preset_for_qwen2_5_vl_7b_depth():
     assert (preset.hidden_size, preset.latent_size, preset.ffn_size) == (3584, 3584, 4 * 3584)
     tiny = tiny_qwen()  # 8 layers
     assert vif.VIFConfig.preset("paper", tiny).inject_layers[-1] == 7
+
+
+# ---------------------------------------------------------------------- training (shipped recipe)
+COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "white": (255, 255, 255)}
+SIZES = [(84, 56), (56, 84), (112, 56), (56, 56)]  # (width, height): four different grids
+
+
+def write_qwen_samples(root):
+    samples = []
+    for i, ((name, rgb), size) in enumerate(zip(COLOURS.items(), SIZES)):
+        image = Image.new("RGB", size, (0, 0, 0))
+        image.paste(Image.new("RGB", (20, 20), rgb), (4 + 6 * i, 4 + 4 * i))
+        image.save(root / f"{name}.png")
+        question = {"from": "human", "value": "<image>\nwhat color is the square"}
+        samples.append(
+            {
+                "id": name,
+                "image": f"{name}.png",
+                "conversations": [question, {"from": "gpt", "value": f"it is {name}"}],
+            }
+        )
+    (root / "data.json").write_text(json.dumps(samples))
+    return root / "data.json"
+
+
+@pytest.mark.slow
+def test_shipped_recipe_trains_tiny_qwen2_5_vl_with_llm_only_lora(tmp_path):
+    recipe_file = REPO / "recipes/qwen2.5-vl-7b-vif-lora.yaml"
+    shipped = load_recipe(recipe_file)
+    assert shipped.trainable.mode == "lora" and not shipped.train_projector
+    assert (shipped.trainable.lora.r, shipped.trainable.lora.alpha) == (16, 32)
+    assert shipped.vif == "paper" and shipped.data.image_aspect == "keep"
+
+    model_dir = build_tiny_qwen2_5_vl(
+        tmp_path / "model", ["what color is the square", "it is " + " ".join(COLOURS)]
+    )
+    # LoRA leaves the LM head frozen; a random head of std 0.02 on hidden size 64 caps every logit
+    # near +-1.3, so no answer could be memorised. Scale it as a trained head would be.
+    base = AutoModelForImageTextToText.from_pretrained(model_dir)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(25.0)
+    base.save_pretrained(model_dir)
+    data = write_qwen_samples(tmp_path)
+    # The shipped recipe as is (LoRA r=16 / alpha=32 on the LLM, paper preset scaled to the tiny
+    # depth, activation checkpointing), on the tiny model and data, with a learning rate and a step
+    # count for a few-step run.
+    overrides = {
+        "model": str(model_dir),
+        "data.json": str(data),
+        "data.image_folder": str(tmp_path),
+        "optimizer.lr": 2e-3,
+        "optimizer.vif_lr": 3e-3,
+        "schedule.max_steps": 16,
+        "schedule.per_device_batch_size": 4,
+        "schedule.grad_accumulation": 1,
+        "schedule.warmup_ratio": 0.0,
+        "schedule.scheduler": "constant",
+        "dataloader_num_workers": 0,
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = train(recipe_file, **overrides)
+    lm = [e["lm_loss"] for e in result.log_history if "lm_loss" in e]
+    assert len(lm) == 16 and max(lm[-3:]) < 0.7 * lm[0], lm
+    assert all("kl" in e and "sparsity" in e for e in result.log_history if "loss" in e)
+    counts = result.trainable
+    assert counts["vision"] == 0 and counts["projector"] == 0 and counts["language"] > 0 and counts["vif"] > 0
+    adapter_config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 32)
+    assert "language_model" in adapter_config["target_modules"]  # the LLM-only regex
+
+    # The run loads back (LoRA merged, VIF attached) and answers from the processor's chat template.
+    vmodel, processor = load_model(
+        result.model_path, device="cpu", dtype="float32", adapter=result.vif_adapter
+    )
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the square"}]}
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[Image.open(tmp_path / "blue.png")], return_tensors="pt")
+    assert "mm_token_type_ids" in inputs
+    out = vmodel.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answer.startswith("it is"), answer
+    assert vmodel._runtime.layout.grids == [[(3, 2)]]  # 56 x 84 px: 6 x 4 patches, 3 x 2 tokens

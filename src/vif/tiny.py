@@ -359,16 +359,22 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     build the video processor, and for a folder saved by an image-only processor it
     silently returns just the tokenizer.
     """
+    import json
+
     path = Path(path)
     config_file = path / "config.json"
     model_type = ""
     if config_file.exists():
-        import json
-
         model_type = json.loads(config_file.read_text()).get("model_type", "")
-    if model_type == "qwen2_5_vl":
+    # A folder with a processor but no model config (a LoRA adapter folder written by
+    # `vif train`) names the processor class it was saved from.
+    processor_file = path / "processor_config.json"
+    processor_class = ""
+    if processor_file.exists():
+        processor_class = json.loads(processor_file.read_text()).get("processor_class", "")
+    if model_type == "qwen2_5_vl" or processor_class == Qwen2_5_VLImageOnlyProcessor.__name__:
         return Qwen2_5_VLImageOnlyProcessor.from_pretrained(path)
-    if model_type == "qwen2_vl":
+    if model_type == "qwen2_vl" or processor_class == Qwen2VLImageOnlyProcessor.__name__:
         return Qwen2VLImageOnlyProcessor.from_pretrained(path)
     return AutoProcessor.from_pretrained(path)
 
