@@ -266,6 +266,32 @@ def test_mrope_is_in_use_and_missing_mm_token_type_ids_is_refused(family):
         vmodel(**without(batch, "mm_token_type_ids"), position_ids=one_d)
 
 
+# ---------------------------------------------------------------------- diagnostics
+@family
+def test_diagnostics_probe_equals_eager_attentions_with_vif(family):
+    # The diagnostics' rows-only probe (SDPA, fused injection) against eager output_attentions
+    # (materialised A') on the same weights, per layer and per image token of each own grid.
+    from vif.diagnostics import collect
+
+    batch = qwen_batch(tiny_qwen(family), MIXED, with_labels=True)
+    metas = [{"id": str(i)} for i in range(len(MIXED))]
+    runs = {}
+    for attn, route in (("sdpa", "probe"), ("eager", "attentions")):
+        model = tiny_qwen(family, attn_implementation=attn)
+        torch.manual_seed(0)
+        vmodel = vif.attach(model, paper(model))
+        runs[route] = collect(vmodel, [(batch, metas)], rows="answer", route=route, progress=False)
+    fast, slow = runs["probe"], runs["attentions"]
+    assert len(fast.records) == len(slow.records) == 2 and fast.skipped == 1  # the text-only sample
+    assert [r.grids for r in fast.records] == [[(2, 3), (3, 2)], [(2, 2)]]
+    for a, b in zip(fast.records, slow.records):
+        assert a.visual.shape == b.visual.shape == (8, sum(h * w for h, w in a.grids))
+        assert a.importance.keys() == b.importance.keys() == set(vmodel.config_vif.inject_layers)
+        torch.testing.assert_close(
+            torch.from_numpy(a.visual), torch.from_numpy(b.visual), atol=2e-5, rtol=1e-4
+        )
+
+
 # ---------------------------------------------------------------------- errors
 @family
 def test_grid_and_token_count_mismatches_are_refused(family):
