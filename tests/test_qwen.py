@@ -153,9 +153,12 @@ def test_generate_cache_no_cache_batch_vs_single_and_cached_decode(family):
         **batch, use_cache=False, output_logits=True, return_dict_in_generate=True, **kwargs
     )
     assert torch.equal(cached, uncached.sequences)
+    beams = vmodel.generate(**batch, num_beams=2, **kwargs)  # expands the batch after encoding
     for i in range(len(MIXED)):
         alone = vmodel.generate(**qwen_sample(batch, i, model), **kwargs)
         assert torch.equal(alone[0, -5:], cached[i, -5:]), i
+        alone = vmodel.generate(**qwen_sample(batch, i, model), num_beams=2, **kwargs)
+        assert torch.equal(alone[0, -5:], beams[i, -5:]), i
 
     # A hand-driven cached decode step (Qwen's rope deltas from the prefill, VIF's maps from
     # the prompt) equals generate's second step recomputed over the whole sequence.
