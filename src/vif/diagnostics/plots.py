@@ -252,8 +252,7 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
             picture = records[0].images[j] if records[0].images else None
             vmax = max([float(maps[j].max()) for maps, _ in panels.values()] + [1.0])
             ncols = len(layers) + 1
-            fig = Figure(figsize=(2.1 * ncols + 0.6, 2.4 * len(row_specs) + 0.4), layout="constrained")
-            axes = fig.subplots(len(row_specs), ncols, squeeze=False)
+            fig, axes, cax = _panel_grid(len(row_specs), ncols)
             mappable = None
             for r, (row_title, _, _) in enumerate(row_specs):
                 _overlay(axes[r, 0], picture, None, (h, w))
@@ -266,9 +265,11 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
                     maps, title = panels[r, c]
                     mappable = _overlay(axes[r, c], picture, maps[j], (h, w), vmax)
                     axes[r, c].set_title(title, fontsize=7)
-            fig.suptitle(_caption(records[0].meta, j, len(grids)), fontsize=8)
+            fig.suptitle(
+                _caption(records[0].meta, j, len(grids)), fontsize=8, y=1 - 0.12 / fig.get_figheight()
+            )
             if mappable is not None:
-                bar = fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01)
+                bar = fig.colorbar(mappable, cax=cax)
                 bar.solids.set_alpha(1.0)  # the scale itself opaque, not at the overlay's alpha
                 ticks = [t for t in bar.get_ticks() if 0 <= t <= vmax]
                 bar.set_ticks(sorted({*ticks, 1.0}))  # 1 = the uniform share
@@ -284,6 +285,31 @@ def plot_heatmaps(runs: list[Run], out_dir: Path, layers: list[int] | None = Non
                 {"path": name, "sample": s, "image": j, "meta": records[0].meta, "runs": runs_meta}
             )
     return written
+
+
+def _panel_grid(nrows: int, ncols: int) -> tuple[Figure, np.ndarray, Axes]:
+    """A grid of square panels with room for titles, row labels and a colour bar on the right.
+
+    Laid out by hand in inches (matplotlib's automatic layouts cost seconds per figure).
+    Returns the figure, the ``(nrows, ncols)`` axes and the colour bar's axes.
+    """
+    panel, gap_w, gap_h = 2.0, 0.12, 0.5  # panel side and gaps (room for two-line titles)
+    left, right, top, bottom = 0.3, 1.0, 0.75, 0.08
+    width = left + ncols * panel + (ncols - 1) * gap_w + right
+    height = top + nrows * panel + (nrows - 1) * gap_h + bottom
+    fig = Figure(figsize=(width, height))
+    grid = dict(
+        left=left / width,
+        right=1 - right / width,
+        top=1 - top / height,
+        bottom=bottom / height,
+        wspace=gap_w / panel,
+        hspace=gap_h / panel,
+    )
+    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=grid)
+    span = grid["top"] - grid["bottom"]
+    cax = fig.add_axes((1 - (right - 0.15) / width, grid["bottom"] + 0.1 * span, 0.15 / width, 0.8 * span))
+    return fig, axes, cax
 
 
 def _caption(meta: dict, image: int, n_images: int) -> str:
