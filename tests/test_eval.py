@@ -20,7 +20,13 @@ from vif.eval.benchmark import (
     build_question,
     read_benchmark,
 )
-from vif.eval.generation import encode_prompts, generate_answers, render_prompt, user_message
+from vif.eval.generation import (
+    encode_prompts,
+    generate_answers,
+    prepare_image,
+    render_prompt,
+    user_message,
+)
 from vif.eval.runner import predict
 from vif.loading import load_model
 from vif.tiny import build_tiny_llava, build_tiny_qwen2_5_vl
@@ -107,7 +113,7 @@ def answers(model, processor, samples, batch_size):
 def manual_greedy(model, processor, question, image, max_new_tokens):
     """Reference: one sample, full forward pass per step (no KV cache), argmax, stop at EOS."""
     prompt = render_prompt(processor, user_message(question))
-    inputs = encode_prompts(processor, [prompt], [[image]])
+    inputs = encode_prompts(processor, [prompt], [[prepare_image(image, processor, "pad")]])
     ids = inputs.pop("input_ids")
     inputs.pop("attention_mask")
     eos = processor.tokenizer.eos_token_id
@@ -121,6 +127,20 @@ def manual_greedy(model, processor, question, image, max_new_tokens):
         new.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_prepare_image(llava_vif):
+    _, processor = llava_vif
+    image = Image.fromarray(np.full((10, 20, 3), 7, dtype=np.uint8))  # 20 wide, 10 high
+    padded = np.asarray(prepare_image(image, processor, "pad"))
+    mean = [int(m * 255) for m in processor.image_processor.image_mean]
+    assert padded.shape == (20, 20, 3)
+    assert (padded[5:15] == 7).all()  # the image, centred
+    assert (padded[:5] == mean).all() and (padded[15:] == mean).all()  # mean-colour borders
+    assert prepare_image(image, processor, "resize").size == (20, 20)
+    assert prepare_image(image, processor, "keep").size == (20, 10)
+    with pytest.raises(ValueError, match="image_aspect must be one of"):
+        prepare_image(image, processor, "crop")
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--instruction",
         help="text appended to every question (default: the metric's LLaVA-1.5 prompt; '' for none)",
     )
+    parser.add_argument(
+        "--image-aspect",
+        default="pad",
+        choices=["pad", "resize", "keep"],
+        help="pad to square (LLaVA-1.5, vif train's default) | resize | keep; use what the adapter was trained with",
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         instruction=args.instruction,
+        image_aspect=args.image_aspect,
         limit=args.limit,
         progress=not args.no_progress,
         metadata={"model": args.model, "adapter": adapter},

@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..data.llava_format import pad_to_square
+
 Message = dict[str, Any]
+IMAGE_ASPECTS = ("pad", "resize", "keep")
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -47,6 +50,25 @@ def user_message(question: str, num_images: int = 1) -> list[Message]:
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]
+
+
+def prepare_image(image: Image.Image, processor: Any, image_aspect: str = "pad") -> Image.Image:
+    """Square an image the way ``vif train`` does (``data.image_aspect``), before the processor.
+
+    "pad": pad to a square with the image processor's mean colour (LLaVA-1.5's evaluation and
+    training); "resize": stretch to a square; "keep": leave it to the processor (CLIP resizes
+    and centre-crops, Qwen keeps the native aspect).
+    """
+    if image_aspect not in IMAGE_ASPECTS:
+        raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+    image = image.convert("RGB")
+    if image_aspect == "pad":
+        mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or (0.5, 0.5, 0.5)
+        return pad_to_square(image, tuple(int(m * 255) for m in mean))  # int(), as LLaVA does
+    if image_aspect == "resize":
+        side = max(image.size)
+        return image.resize((side, side), Image.Resampling.BICUBIC)
+    return image
 
 
 def _unwrap(model: Any) -> Any:
@@ -91,6 +113,7 @@ def generate_answers(
     conversations: Sequence[list[Message]],
     images: Sequence[Sequence[Image.Image]],
     max_new_tokens: int = 32,
+    image_aspect: str = "pad",
 ) -> list[str]:
     """Greedy answers for one batch of conversations, in input order.
 
@@ -100,6 +123,7 @@ def generate_answers(
         conversations: ``B`` message lists, each ending with a user turn (see :func:`user_message`).
         images: ``B`` lists of PIL images, one image per ``{"type": "image"}`` item, in order.
         max_new_tokens: generation budget per answer.
+        image_aspect: ``"pad" | "resize" | "keep"``, see :func:`prepare_image`.
 
     Returns:
         ``B`` decoded answers (special tokens skipped, surrounding whitespace stripped).
@@ -109,6 +133,7 @@ def generate_answers(
     if not conversations:
         return []
     prompts = [render_prompt(processor, messages) for messages in conversations]
+    images = [[prepare_image(image, processor, image_aspect) for image in sample] for sample in images]
     inputs = encode_prompts(processor, prompts, images)
     device = next(model.parameters()).device
     dtype = next(_unwrap(model).parameters()).dtype

@@ -9,9 +9,10 @@
 * ``pretrained``: model folder or hub id (loaded with :func:`vif.loading.load_model`);
 * ``vif``: a VIF adapter folder (``VIFModel.save_pretrained``); omit it for the base model;
 * ``alpha``: override the adapter's injection strength (0 = no injection);
-* ``device`` (default cuda if available), ``dtype`` (``auto | bfloat16 | float16 | float32``),
-  ``attn_implementation`` (``sdpa | eager``), ``max_new_tokens`` (the default when a task
-  sets none; 128).
+* ``dtype`` (``auto | bfloat16 | float16 | float32``), ``attn_implementation``
+  (``sdpa | eager``), ``max_new_tokens`` (the default when a task sets none; 128),
+  ``image_aspect`` (``pad`` - LLaVA-1.5's square padding, ``vif train``'s default - ``| resize | keep``);
+* the device and batch size come from lmms-eval's ``--device`` and ``--batch_size``.
 
 These are "chat" models (lmms-eval's default mode): the task's messages are rendered by
 the processor's chat template and generated greedily in left-padded batches of
@@ -35,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..loading import load_model
-from .generation import generate_answers
+from .generation import IMAGE_ASPECTS, generate_answers
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -114,15 +115,19 @@ class VIFChat(lmms):
         batch_size: int | str = 1,
         attn_implementation: str = "sdpa",
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        image_aspect: str = "pad",
         max_batch_size: int | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
             raise ValueError(
-                f"unknown --model_args {sorted(unknown)}; the vif models take pretrained, vif, alpha, device, "
-                "dtype, attn_implementation, max_new_tokens."
+                f"unknown --model_args {sorted(unknown)}; the vif models take pretrained, vif, alpha, dtype, "
+                "attn_implementation, max_new_tokens, image_aspect (device and batch size: lmms-eval's "
+                "--device and --batch_size)."
             )
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
         if str(batch_size).startswith("auto"):
             raise ValueError("--batch_size auto is not supported by the vif models; give a number.")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -150,6 +155,7 @@ class VIFChat(lmms):
         self.adapter = vif
         self.batch_size_per_gpu = int(batch_size)
         self.default_max_new_tokens = int(max_new_tokens)
+        self.image_aspect = image_aspect
 
     @property
     def model(self) -> torch.nn.Module:
@@ -184,7 +190,12 @@ class VIFChat(lmms):
                     chunk = indices[start : start + self.batch_size]
                     conversations, images = zip(*(self._conversation(requests[i]) for i in chunk))
                     texts = generate_answers(
-                        self._model, self.processor, conversations, images, max_new_tokens
+                        self._model,
+                        self.processor,
+                        conversations,
+                        images,
+                        max_new_tokens,
+                        image_aspect=self.image_aspect,
                     )
                     for i, text in zip(chunk, texts):
                         answers[i] = cut_at_stop(text, until)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data.llava_format import load_image
 from .benchmark import BenchmarkSample, build_question, read_benchmark
-from .generation import generate_answers, user_message
+from .generation import IMAGE_ASPECTS, generate_answers, user_message
 from .metrics import aggregate, get_metric
 
 REFERENCE_FIELDS = ("answer", "options", "bbox")
@@ -45,6 +45,7 @@ def predict(
     instruction: str | None = None,
     progress: bool = True,
     desc: str = "eval",
+    image_aspect: str = "pad",
 ) -> list[str]:
     """Greedy predictions for ``samples`` in order, ``batch_size`` at a time (left-padded)."""
     if batch_size < 1:
@@ -55,7 +56,9 @@ def predict(
             chunk = samples[start : start + batch_size]
             conversations = [user_message(build_question(s, metric, instruction)) for s in chunk]
             images = [[load_image(s.image_path, s.id)] for s in chunk]
-            predictions += generate_answers(model, processor, conversations, images, max_new_tokens)
+            predictions += generate_answers(
+                model, processor, conversations, images, max_new_tokens, image_aspect=image_aspect
+            )
             bar.update(len(chunk))
     return predictions
 
@@ -109,6 +112,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 32,
     instruction: str | None = None,
+    image_aspect: str = "pad",
     limit: int | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
@@ -126,6 +130,8 @@ def evaluate(
         batch_size: samples per left-padded generation batch.
         max_new_tokens: generation budget per answer.
         instruction: text appended to each question (None: the metric's default, "" none).
+        image_aspect: ``"pad"`` (LLaVA-1.5, and ``vif train``'s default) | ``"resize"`` | ``"keep"``;
+            use what the adapter was trained with (see :func:`vif.eval.generation.prepare_image`).
         limit: evaluate only the first ``limit`` samples.
         progress: show a tqdm bar per run.
         metadata: extra entries for the summary (e.g. model / adapter paths).
@@ -140,6 +146,8 @@ def evaluate(
         ValueError: an unknown metric, or ``compare`` without a VIFModel.
     """
     get_metric(metric)  # unknown metric: fail before reading anything
+    if image_aspect not in IMAGE_ASPECTS:
+        raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
     if compare and not _is_vif(model):
         raise ValueError(
             "compare=True evaluates base and base+VIF, so it needs a VIFModel: load the model with "
@@ -159,6 +167,7 @@ def evaluate(
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "instruction": instruction,
+            "image_aspect": image_aspect,
             "image_folder": str(image_folder) if image_folder is not None else None,
         },
         **(metadata or {}),
@@ -172,6 +181,7 @@ def evaluate(
             instruction=instruction,
             progress=progress,
             desc=f"{run} {Path(benchmark_file).name}",
+            image_aspect=image_aspect,
         )
         if run == "base" and _is_vif(model):
             with model.disabled():
