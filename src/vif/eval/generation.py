@@ -148,7 +148,9 @@ def generate_answers(
         if generation_config.eos_token_id is not None
         else tokenizer.eos_token_id
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_token_id
+    if pad is None:  # pad with EOS, as generate() itself would (eos may be a list, e.g. Qwen's)
+        pad = eos[0] if isinstance(eos, list | tuple) else eos
     output = model.generate(
         **inputs,
         do_sample=False,
