@@ -128,8 +128,10 @@ class VIFChat(lmms):
             )
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
-        if str(batch_size).startswith("auto"):
-            raise ValueError("--batch_size auto is not supported by the vif models; give a number.")
+        if str(batch_size).startswith("auto") or max_batch_size is not None:
+            raise ValueError(
+                "--batch_size auto / --max_batch_size are not supported by the vif models; give --batch_size N."
+            )
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(
                 "the vif lmms-eval models run in one process; launch without accelerate/torchrun."
