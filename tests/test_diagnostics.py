@@ -25,6 +25,7 @@ from transformers import AutoModelForImageTextToText
 import vif
 from vif.backbones import get_backbone
 from vif.diagnostics import AttentionProbe, collect, compare, diagnose, probing, select_rows, summarise
+from vif.diagnostics.collect import _generated_lengths
 from vif.diagnostics.inputs import iter_batches
 from vif.injection import PROBE_ATTRIBUTE
 from vif.loading import load_model
@@ -157,6 +158,12 @@ def test_select_rows_answer_last_auto():
         select_rows(mask, image, labels, "answer")  # sample 1 has no answer
     with pytest.raises(ValueError, match="needs labels"):
         select_rows(mask, image, None, "answer")
+
+
+def test_generated_rows_stop_at_the_first_eos():
+    new_tokens = torch.tensor([[5, 3, 0, 0], [5, 6, 7, 8], [3, 9, 3, 0]])
+    assert _generated_lengths(new_tokens, {3}).tolist() == [2, 4, 1]  # the EOS row is included
+    assert _generated_lengths(new_tokens, {3, 7}).tolist() == [2, 3, 1]
 
 
 # --------------------------------------------------------------------------- equivalence
@@ -330,6 +337,8 @@ def test_errors_name_the_fix(llava, tmp_path):
         diagnose(model, data, tmp_path, progress=False)
     with pytest.raises(ValueError, match="layers must be within 0..7"):
         diagnose(model, data, tmp_path, layers=[8], processor=processor, progress=False)
+    with pytest.raises(ValueError, match="needs the base model"):
+        compare(None, llava["adapter"], data, tmp_path, processor=processor, progress=False)
     with pytest.raises(ValueError, match="rows must be one of"):
         diagnose(model, data, tmp_path, rows="first", processor=processor, progress=False)
 

@@ -198,6 +198,11 @@ def compare(
             base = _run(adapter, samples, "base", options)
         vif_run = _run(adapter, samples, "VIF", options)
     else:
+        if base_model is None:
+            raise ValueError(
+                "compare(base_model=None, adapter=<folder>): a saved adapter needs the base model to attach "
+                "to; pass the loaded model as base_model (or pass a VIFModel as adapter)."
+            )
         if getattr(base_model, "_vif_attached", False):
             raise ValueError("base_model already has VIF attached; pass the VIFModel as `adapter` instead.")
         base = _run(base_model, samples, "base", options)
