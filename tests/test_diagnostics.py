@@ -393,6 +393,13 @@ def test_cli_compare_end_to_end(llava, tmp_path, capsys):
     assert summary["layers"] == [2, 7] and summary["n_samples"] == 2 and summary["deep_layers"] == [7]
     assert summary["vif"]["injection_layers"] == with_vif["vif"]["injection_layers"]
 
+    # Only shallow layers: no deep-layer numbers, said so instead of failing.
+    argv = ["diagnose", "--model", str(llava["model"]), "--data", str(llava["data"]), "--layers", "0,1"]
+    argv += ["--out", str(tmp_path / "shallow"), "--device", "cpu", "--max-samples", "1", "--n-heatmaps", "0"]
+    assert main(argv) == 0
+    assert "deep-layer entropy n/a" in capsys.readouterr().out
+    assert json.loads((tmp_path / "shallow" / "summary.json").read_text())["deep_entropy"] is None
+
 
 def test_compare_python_api_with_a_vif_model(llava, tmp_path):
     model, processor = load_model(llava["model"], "cpu", "float32", "sdpa", adapter=llava["adapter"])

@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="override the adapter's injection alpha")
 
 
+def _num(x: float | None) -> str:
+    return "n/a (no deep layer analysed)" if x is None else f"{x:.4f}"
+
+
 def _print_table(summary: dict[str, Any]) -> None:
     runs = [summary] if "per_layer" in summary else [summary["base"], summary["vif"]]
     head = "layer" + "".join(f" | ratio {s['label']:>5} | entropy {s['label']:>5}" for s in runs)
@@ -73,8 +77,8 @@ def _print_table(summary: dict[str, Any]) -> None:
         )
     for s in runs:
         print(
-            f"{s['label']}: deep-layer entropy {s['deep_entropy']:.4f} nats (max {s['max_entropy']:.4f}), "
-            f"deep-layer visual ratio {s['deep_ratio']:.4f}, {s['n_samples']} samples"
+            f"{s['label']}: deep-layer entropy {_num(s['deep_entropy'])} nats (max {_num(s['max_entropy'])}), "
+            f"deep-layer visual ratio {_num(s['deep_ratio'])}, {s['n_samples']} samples"
         )
 
 

@@ -57,6 +57,11 @@ def _layer_axis(ax: Axes, runs: list[Run]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _num(x: float | None, digits: int) -> str:
+    """``x`` rounded, or "n/a" (no deep layer among the analysed layers)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
 def _legend(ax: Axes) -> None:
     # Outside the axes, on the right: never covers a curve or a violin.
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
@@ -82,7 +87,7 @@ def plot_ratio(runs: list[Run], path: Path) -> Path:
             y,
             "o-",
             color=COLORS[i],
-            label=f"{summary['label']} (deep mean {summary['deep_ratio']:.3f})",
+            label=f"{summary['label']} (deep mean {_num(summary['deep_ratio'], 3)})",
             ms=4,
         )
         ax.fill_between(x, y - sd, y + sd, color=COLORS[i], alpha=0.2, lw=0)
@@ -104,7 +109,7 @@ def plot_entropy(runs: list[Run], path: Path) -> Path:
         x = np.array([r["layer"] for r in rows])
         y = np.array([r["entropy"] for r in rows])
         sd = np.array([r["entropy_std"] for r in rows])
-        label = f"{summary['label']} (deep-layer mean {summary['deep_entropy']:.2f} nats)"
+        label = f"{summary['label']} (deep-layer mean {_num(summary['deep_entropy'], 2)} nats)"
         ax.plot(x, y, "o-", color=COLORS[i], label=label, ms=4)
         ax.fill_between(x, y - sd, y + sd, color=COLORS[i], alpha=0.2, lw=0)
     top = runs[0][1]["max_entropy"]
