@@ -300,7 +300,7 @@ def test_diagnose_pil_samples_and_outputs(llava, tmp_path):
     assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == 2
 
 
-def test_text_only_samples_are_counted_and_skipped(llava, tmp_path):
+def test_text_only_and_two_image_samples(llava, tmp_path):
     records = json.loads(llava["data"].read_text())[:2]
     records.insert(
         1,
@@ -309,6 +309,12 @@ def test_text_only_samples_are_counted_and_skipped(llava, tmp_path):
             "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "Yes"}],
         },
     )
+    two = {"id": "two", "image": ["images/img2.png", "images/img3.png"]}
+    two["conversations"] = [
+        {"from": "human", "value": "<image>\n<image>\nWhat is in the picture?"},
+        {"from": "gpt", "value": "A red square."},
+    ]
+    records.append(two)
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(records))
     model, processor = load_model(llava["model"], "cpu", "float32", "sdpa")
@@ -318,10 +324,18 @@ def test_text_only_samples_are_counted_and_skipped(llava, tmp_path):
         tmp_path / "out",
         processor=processor,
         image_folder=llava["root"],
-        n_heatmaps=0,
+        heatmap_layers=[7],
         progress=False,
     )
-    assert summary["n_samples"] == 2 and summary["n_skipped_without_image"] == 1
+    assert summary["n_samples"] == 3 and summary["n_skipped_without_image"] == 1
+    assert summary["n_image_tokens"] == {"min": 64, "max": 128, "mean": pytest.approx(256 / 3)}
+    heatmaps = sorted(p.name for p in (tmp_path / "out" / "heatmaps").glob("*.png"))
+    assert heatmaps == [f"sample{s:03d}_image{j}.png" for s, j in [(0, 0), (1, 0), (2, 0), (2, 1)]]
+    # The probe on this mixed batch (a text-only row, a two-image row) equals eager output_attentions.
+    eager, _ = load_model(llava["model"], "cpu", "float32", "eager")
+    a = run(model, processor, data, llava["root"], "probe", "auto", batch_size=4)
+    b = run(eager, processor, data, llava["root"], "attentions", "auto", batch_size=4)
+    assert_same(a, b, FP32)
     text_only = tmp_path / "text.json"
     text_only.write_text(json.dumps(records[1:2]))
     with pytest.raises(ValueError, match="no sample with an image"):
