@@ -6,7 +6,9 @@ width and ``--layers`` depth, the VIF preset's pairs scaled to that depth). Para
 are frozen / grouped by the same code ``vif train`` uses (:mod:`vif.training.parts`):
 ``--mode full`` trains the LLM + projector (+ VIF), ``--mode lora`` LoRA r=128 on the LLM (+ VIF).
 
-Each route runs in its own subprocess, so its peak memory is its own:
+Each run is its own subprocess, so its peak memory is its own; ``--rounds`` runs per route are
+interleaved, and the table gives the fastest step (least disturbed on a shared machine) and the
+median. Memory:
 CUDA - ``torch.cuda.max_memory_allocated`` over the timed steps; CPU - the process's
 peak resident set (VmHWM) minus its resident set just before the first step, i.e. what
 the steps themselves added (activations, gradients, optimiser state).
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per run (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per route, interleaved")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--out", default="bench-out/train_step.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -152,9 +155,22 @@ def main(argv: list[str] | None = None) -> None:
     forwarded = list(argv if argv is not None else sys.argv[1:])
     from tqdm import tqdm
 
-    results = {
-        route: run_isolated(route, forwarded) for route in tqdm(ROUTES, desc="benchmark", unit="route")
-    }
+    # Rounds interleave the routes (rotating their order), so load from other processes on a shared
+    # machine hits all of them alike; each run is still its own process (its own peak memory).
+    runs: dict[str, list[dict]] = {route: [] for route in ROUTES}
+    jobs = [ROUTES[(i + r) % len(ROUTES)] for r in range(args.rounds) for i in range(len(ROUTES))]
+    for route in tqdm(jobs, desc="benchmark", unit="run"):
+        runs[route].append(run_isolated(route, forwarded))
+    results = {}
+    for route, done in runs.items():
+        steps = [t for run in done for t in run["step_ms_all"]]
+        results[route] = {
+            **done[0],
+            "step_ms": min(steps),  # best of all steps: the least disturbed by other load
+            "step_ms_median": statistics.median(steps),
+            "step_ms_all": steps,
+            "peak_mb": statistics.median(run["peak_mb"] for run in done),
+        }
     base = results["base"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     memory = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS added by the steps"
@@ -164,11 +180,15 @@ def main(argv: list[str] | None = None) -> None:
         f"(576 image tokens), batch {args.batch}, mode {args.mode}, preset {args.preset}, "
         f"checkpointing {'on' if args.checkpointing else 'off'}; memory = {memory}\n"
     )
-    print(f"{'route':<14}{'step ms':>10}{'x':>7}{'peak MB':>10}{'x':>7}{'trainable':>12}{'VIF params':>12}")
+    print(
+        f"{'route':<14}{'step ms':>10}{'x':>7}{'median ms':>11}{'x':>7}{'peak MB':>10}{'x':>7}"
+        f"{'trainable':>12}{'VIF params':>12}"
+    )
     for route in ROUTES:
         r = results[route]
         print(
             f"{route:<14}{r['step_ms']:>10.1f}{r['step_ms'] / base['step_ms']:>7.2f}"
+            f"{r['step_ms_median']:>11.1f}{r['step_ms_median'] / base['step_ms_median']:>7.2f}"
             f"{r['peak_mb']:>10.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}"
             f"{r['trainable_params']:>12,}{r['vif_params']:>12,}"
         )

@@ -220,6 +220,16 @@ def test_loss_is_lm_plus_weighted_kl_and_sparsity(setup, tmp_path):
     assert trainer._part_count == 1
     assert trainer._part_sums["kl"] == pytest.approx(v.kl.item()) and "entropy" in trainer._part_sums
 
+    # Inside the Trainer's loop the model is in training mode: z comes from the posterior.
+    seen = []
+    model.register_forward_hook(
+        lambda _m, _a, out: seen.append((out.vif.used_posterior, out.vif.kl is not None))
+    )
+    model.eval()
+    trainer.args.max_steps = 2
+    trainer.train()
+    assert seen == [(True, True)] * 2
+
 
 def test_activation_checkpointing_gives_the_same_gradients(setup, tmp_path):
     grads = {}

@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from ..model import VIFModel
 from .data import TrainingDataError
 from .parts import TrainingModel, parameter_groups
 
@@ -127,12 +126,13 @@ class VIFTrainer(Trainer):
         base_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if parts.vif is not None:
             base_state = {k: v for k, v in base_state.items() if not k.startswith("vif_module.")}
-            parts.vif.save_pretrained(output_dir / VIF_SUBDIR)  # the module is replicated: read it directly
+            # save_pretrained writes the config (and the live weights); the weights are then rewritten
+            # from the state dict, which under ZeRO-3 / FSDP is the gathered one.
+            parts.vif.save_pretrained(output_dir / VIF_SUBDIR)
             vif_state = {
                 k[len("vif_module.") :]: v for k, v in state_dict.items() if k.startswith("vif_module.")
             }
-            if vif_state:  # gathered weights (ZeRO-3 / FSDP) win over the local copy
-                _save_vif_weights(parts.vif, vif_state, output_dir / VIF_SUBDIR)
+            _save_vif_weights(vif_state, output_dir / VIF_SUBDIR)
         if parts.peft is not None:
             peft_state = {"base_model.model." + k: v for k, v in base_state.items()}
             parts.peft.save_pretrained(output_dir, state_dict=peft_state, safe_serialization=True)
@@ -176,7 +176,7 @@ class VIFTrainer(Trainer):
             del saved
 
 
-def _save_vif_weights(vmodel: VIFModel, state: dict[str, torch.Tensor], directory: Path) -> None:
+def _save_vif_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
     from safetensors.torch import save_file
 
     from ..model import WEIGHTS_NAME
