@@ -127,7 +127,9 @@ def worker(config: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--hidden", type=int, default=256)
@@ -151,7 +153,8 @@ def main() -> None:
         for config in CONFIGS:
             command = [sys.executable, __file__, "--worker", config, "--model-dir", str(model_dir)]
             command += ["--image", str(image), "--out-dir", str(Path(tmp) / "diag")]
-            command += ["--device", args.device, "--dtype", args.dtype, "--text-tokens", str(args.text_tokens)]
+            command += ["--device", args.device, "--dtype", args.dtype]
+            command += ["--text-tokens", str(args.text_tokens)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"worker {config} failed:\n{done.stderr[-3000:]}")
