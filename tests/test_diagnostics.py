@@ -353,6 +353,15 @@ def test_errors_name_the_fix(llava, tmp_path):
         diagnose(model, data, tmp_path, layers=[8], processor=processor, progress=False)
     with pytest.raises(ValueError, match="needs the base model"):
         compare(None, llava["adapter"], data, tmp_path, processor=processor, progress=False)
+    with pytest.raises(vif.VIFLoadError, match="does not exist"):  # before any sample is run
+        compare(model, tmp_path, data, tmp_path, processor=processor, progress=False)
+    assert not getattr(model, "_vif_attached", False)
+    from vif.cli import main
+
+    with pytest.raises(SystemExit, match="has no vif_config.json"):
+        main(["diagnose", "--model", str(llava["model"]), "--data", data, "--compare", str(tmp_path)])
+    with pytest.raises(SystemExit, match="is not a file"):
+        main(["diagnose", "--model", str(llava["model"]), "--data", str(tmp_path / "missing.json")])
     with pytest.raises(ValueError, match="rows must be one of"):
         diagnose(model, data, tmp_path, rows="first", processor=processor, progress=False)
 

@@ -185,18 +185,17 @@ def compare(
 ) -> dict[str, Any]:
     """The base model and base + VIF on the same samples, side by side.
 
-    ``adapter`` is a ``VIFModel.save_pretrained`` folder (attached to ``base_model`` for the
-    second run with :meth:`vif.VIFModel.from_pretrained`, ``vif_overrides`` e.g. ``alpha``,
-    and detached afterwards) or a :class:`vif.VIFModel` (its base run uses
-    :meth:`~vif.VIFModel.disabled`; ``base_model`` may then be None). Other arguments as
+    ``adapter`` is a ``VIFModel.save_pretrained`` folder (attached to ``base_model`` with
+    :meth:`vif.VIFModel.from_pretrained` before anything runs, ``vif_overrides`` e.g. ``alpha``,
+    and detached afterwards) or a :class:`vif.VIFModel` (``base_model`` may then be None).
+    The base run is the attached model inside :meth:`~vif.VIFModel.disabled`, which computes
+    exactly the base model. Other arguments as
     :func:`diagnose`. Returns ``{"base": ..., "vif": ..., "difference": vif - base}``.
     """
     options = dict(locals())
     samples = _reiterable(samples)
     if isinstance(adapter, VIFModel):
-        with adapter.disabled():
-            base = _run(adapter, samples, "base", options)
-        vif_run = _run(adapter, samples, "VIF", options)
+        vmodel, attached_here = adapter, False
     else:
         if base_model is None:
             raise ValueError(
@@ -205,10 +204,14 @@ def compare(
             )
         if getattr(base_model, "_vif_attached", False):
             raise ValueError("base_model already has VIF attached; pass the VIFModel as `adapter` instead.")
-        base = _run(base_model, samples, "base", options)
-        vmodel = VIFModel.from_pretrained(base_model, adapter, **vif_overrides)
-        try:
-            vif_run = _run(vmodel, samples, "VIF", options)
-        finally:
+        # Attach first: a bad adapter folder fails here, before the base run's work. With VIF
+        # disabled the attached model computes exactly the base model (no attender, no injection).
+        vmodel, attached_here = VIFModel.from_pretrained(base_model, adapter, **vif_overrides), True
+    try:
+        with vmodel.disabled():
+            base = _run(vmodel, samples, "base", options)
+        vif_run = _run(vmodel, samples, "VIF", options)
+    finally:
+        if attached_here:
             vmodel.detach()
     return write_outputs(out_dir, [(base, summarise(base)), (vif_run, summarise(vif_run))], heatmap_layers)

@@ -87,6 +87,15 @@ def run(args: argparse.Namespace) -> int:
     from ..model import VIFModel
     from .api import compare, diagnose
 
+    # Fail on paths before the (possibly minutes-long) model load.
+    if not Path(args.data).is_file():
+        raise SystemExit(f"vif diagnose: --data {args.data} is not a file (a LLaVA-format JSON / JSONL).")
+    adapter = args.adapter or args.compare
+    if adapter and not (Path(adapter) / "vif_config.json").is_file():
+        raise SystemExit(
+            f"vif diagnose: {adapter} has no vif_config.json; point --adapter / --compare at a folder "
+            "written by VIFModel.save_pretrained."
+        )
     device = args.device or default_device()
     dtype = resolve_dtype(args.dtype, device)
     attn = "sdpa" if args.route == "probe" else "eager"
