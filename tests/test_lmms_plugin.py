@@ -209,3 +209,35 @@ def test_paper_tasks_exist_and_import_with_the_lmms_extra():
     # Their scoring code imports with the [lmms] extra's packages (no missing dependency).
     for module in PAPER_TASK_MODULES:
         importlib.import_module(f"lmms_eval.tasks.{module}")
+
+
+def test_generation_kwargs_and_messages_are_checked():
+    from vif.eval.lmms_model import cut_at_stop, greedy_settings, messages_and_images
+
+    assert greedy_settings({"max_new_tokens": 16, "temperature": 0, "top_p": 1.0}, "t", 128) == (16, [])
+    assert greedy_settings({"until": "ASSISTANT:"}, "t", 128) == (128, ["ASSISTANT:"])
+    with pytest.raises(ValueError, match="task 't' asks for sampling"):
+        greedy_settings({"temperature": 0.7}, "t", 128)
+    with pytest.raises(ValueError, match="asks for sampling"):
+        greedy_settings({"do_sample": True}, "t", 128)
+    with pytest.raises(ValueError, match="beam search"):
+        greedy_settings({"num_beams": 3}, "t", 128)
+    assert cut_at_stop("B. a dog\n\nUSER: more", ["\n\n", "USER:"]) == "B. a dog"
+    assert cut_at_stop("B", ["\n\n"]) == "B"
+
+    image = Image.new("RGB", (8, 8))
+    raw = [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "image", "url": image}, {"type": "text", "text": "what?"}]},
+    ]
+    messages, images = messages_and_images(raw, "t")
+    assert messages == [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]},
+    ]
+    assert images == [image]
+    video = [
+        {"role": "user", "content": [{"type": "video", "url": "clip.mp4"}, {"type": "text", "text": "?"}]}
+    ]
+    with pytest.raises(ValueError, match="task 't' sends video input"):
+        messages_and_images(video, "t")
