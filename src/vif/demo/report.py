@@ -67,13 +67,22 @@ def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[
         )
     )
     out.append(("p", "**" + verdict(metrics) + "**"))
-    header = ["arm", "accuracy", *types, "deep-layer entropy (nats)", "deep-layer visual ratio"]
+    header = [
+        "arm",
+        "accuracy",
+        *types,
+        "deep-layer entropy (nats)",
+        "deep-layer visual ratio",
+        "deep attention on target",
+        "VIF map on target",
+    ]
     rows = []
     for name, label in (("control", "control (no VIF)"), ("vif", "VIF")):
         m = metrics[name]
         rows.append(
             [label, _pct(m["accuracy"]), *(_pct(m["per_type"].get(t)) for t in types)]
             + [_num(m["deep_entropy"]), _num(m["deep_ratio"])]
+            + [_pct(m["deep_attention_on_target"]), _pct(m["importance_on_target"])]
         )
     out.append(("table", (header, rows)))
     max_entropy = diagnostics["control"].get("max_entropy")
@@ -83,7 +92,9 @@ def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[
             "Deep layers = the last half of the decoder layers; entropy of the attention over the image "
             f"tokens (renormalised), averaged over the answer tokens' rows and the samples; uniform = "
             f"{_num(max_entropy)}. Lower = more focused. With VIF the numbers are those of the injected "
-            "attention.",
+            "attention. 'On target' = the share of that attention (or of VIF's importance map) on the image "
+            "tokens that overlap the target's box, from the generator's metadata; an attention that ignores "
+            f"where the target is puts {_pct(metrics['on_target_if_uniform'])} there.",
         )
     )
 
