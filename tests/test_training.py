@@ -173,6 +173,8 @@ def test_recipe_errors():
         load_recipe({**ok, "init_adapter": "x"})
     with pytest.raises(RecipeError, match="'schedule.per_device_batch_size' = 'many' has the wrong type"):
         load_recipe({**ok, "schedule": {"per_device_batch_size": "many"}})
+    with pytest.raises(RecipeError, match="projector: true with mode 'vif-only'"):
+        load_recipe({**ok, "trainable": {"mode": "vif-only", "projector": True}})
     with pytest.raises(RecipeError, match="'model' is missing"):
         load_recipe({"data": {"json": "d.json"}})
     # YAML 1.1 reads 2e-5 as a string: accepted as a number.
@@ -303,6 +305,17 @@ def test_lora_trains_only_the_language_model(setup, tmp_path):
     assert changed["language"] and all("_proj" in n for n in changed["language"])
     before, after = vif_state(setup["init_vif"]), vif_state(result.vif_adapter)
     assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_vif_only_trains_only_the_vif_module(setup, tmp_path):
+    result = train(recipe(setup, tmp_path / "out", trainable={"mode": "vif-only"}, schedule__max_steps=2))
+    assert result.trainable["trainable"] == result.trainable["vif"] > 0
+    assert result.model_path == Path(setup["model"]).resolve()  # base weights are not saved
+    assert not (result.output_dir / "model.safetensors").exists()
+    model, _ = load_model(result.model_path, device="cpu", adapter=result.vif_adapter)
+    after = vif_state(result.vif_adapter)
+    assert all(torch.equal(v, after[k]) for k, v in model.vif_module.state_dict().items())
+    assert all(not torch.equal(v, after[k]) for k, v in vif_state(setup["init_vif"]).items())
 
 
 def test_control_arm_without_vif(setup, tmp_path):

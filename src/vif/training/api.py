@@ -91,7 +91,7 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
         ``metrics``, ``log_history``, ``trainable``.
 
     Runs under ``torchrun`` / ``accelerate launch`` (DDP, DeepSpeed, FSDP) like any Trainer script;
-    every process returns the same result, process 0 writes the files.
+    every process returns a result, process 0 writes the files.
     """
     from .parts import count_parameters
     from .trainer import VIF_SUBDIR

@@ -69,13 +69,6 @@ def build_training_model(recipe: Recipe, base: nn.Module) -> TrainingModel:
     from ..model import VIFModel, attach
 
     mode = recipe.trainable.mode
-    if mode == "vif-only" and recipe.trainable.projector:
-        from .recipe import RecipeError
-
-        raise RecipeError(
-            "trainable.projector: true with mode 'vif-only' would change the base model, which vif-only "
-            "runs do not save; use mode 'lora' or 'full' to train the projector."
-        )
     projector_modules = [n for n, _ in base.named_modules() if n.endswith(PROJECTOR_NAMES)]
     peft_model = None
     if mode == "lora":

@@ -202,6 +202,11 @@ class Recipe:
                 "give either 'vif' (a new VIF module) or 'init_adapter' (continue a saved one), not both; "
                 "set 'vif: null' when using init_adapter (the adapter's own config is used)."
             )
+        if self.trainable.mode == "vif-only" and self.trainable.projector:
+            raise RecipeError(
+                "trainable.projector: true with mode 'vif-only' would change the base model, which vif-only "
+                "runs do not save; use mode 'lora' or 'full' to train the projector."
+            )
         if self.trainable.mode == "vif-only" and not self.uses_vif:
             raise RecipeError("trainable.mode 'vif-only' with 'vif: null' trains nothing; pick a VIF preset.")
         positive = {
