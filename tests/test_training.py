@@ -279,6 +279,11 @@ def test_training_memorises_and_moves_vif(setup, tmp_path):
     assert before.keys() == after.keys()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
+    # full fine-tune: LLM and projector trained, vision tower frozen
+    base, _ = load_model(setup["model"], device="cpu", dtype="float32")
+    trained = dict(load_model(result.model_path, device="cpu", dtype="float32")[0].named_parameters())
+    changed = {part_of(n) for n, p in base.named_parameters() if not torch.equal(p, trained[n])}
+    assert changed == {"language", "projector"}
     # the prior moved towards the posterior
     kl_before = kl_on(setup["model"], setup["init_vif"], setup)
     kl_after = kl_on(result.model_path, result.vif_adapter, setup)
