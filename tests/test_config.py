@@ -60,11 +60,13 @@ def test_json_round_trip(tmp_path):
 
 def test_paper_pairs_scale_with_depth():
     assert scaled_paper_pairs(32) == ([11, 13, 15, 17], [25, 27, 29, 31])
-    for depth in (8, 12, 24, 28, 40, 80):
+    for depth in (5, 6, 7, 8, 12, 24, 28, 40, 80):
         extract, inject = scaled_paper_pairs(depth)
         assert inject[-1] == depth - 1 and len(set(inject)) == 4
         assert all(e < d for e, d in zip(extract, inject))
     assert scaled_paper_pairs(28) == ([9, 11, 13, 15], [22, 23, 25, 27])
+    with pytest.raises(vif.VIFConfigError, match="too shallow"):
+        scaled_paper_pairs(4)
 
 
 def test_paper_preset_matches_the_released_recipe_size():

@@ -217,8 +217,12 @@ def scaled_paper_pairs(depth: int) -> tuple[list[int], list[int]]:
     distinct and strictly ordered. For depth 32 this is the paper's default; for
     Qwen2.5-7B's 28 layers it gives (9, 11, 13, 15) -> (22, 23, 25, 27).
     """
-    if depth < 4:
-        raise VIFConfigError(f"a language model with {depth} layers is too shallow for VIF's default pairs.")
+    # Four distinct injection layers, each after its extraction layer, need at least 5 layers.
+    if depth < 5:
+        raise VIFConfigError(
+            f"a language model with {depth} layers is too shallow for VIF's four default pairs (needs 5+); "
+            "pass explicit extract_layers / inject_layers."
+        )
 
     def scale(i: int) -> int:
         from_end = PAPER_DEPTH - 1 - i
