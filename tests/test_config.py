@@ -67,6 +67,12 @@ def test_paper_pairs_scale_with_depth():
     assert scaled_paper_pairs(28) == ([9, 11, 13, 15], [22, 23, 25, 27])
     with pytest.raises(vif.VIFConfigError, match="too shallow"):
         scaled_paper_pairs(4)
+    four = llava_7b_config()
+    four.text_config.num_hidden_layers = 4
+    with pytest.raises(vif.VIFConfigError, match="too shallow"):
+        vif.VIFConfig.preset("compact", four)
+    explicit = vif.VIFConfig.preset("compact", four, extract_layers=[0, 1], inject_layers=[2, 3])
+    assert explicit.pairs == [(0, 2), (1, 3)]
 
 
 def test_paper_preset_matches_the_released_recipe_size():

@@ -36,14 +36,6 @@ MIXED = [([(2, 3), (3, 2)], 3, 6), ([], 5, 7), ([(2, 2)], 2, 4)]
 family = pytest.mark.parametrize("family", QWEN_FAMILIES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are many small ops: on the shared 2-core CI box two intra-op threads are slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def paper(model, **overrides):
     return vif.VIFConfig.preset("paper", model, **overrides)

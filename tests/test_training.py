@@ -36,14 +36,6 @@ WORDS = ["what color is the square", "it is red blue green white"]
 VIF = {"preset": "compact", "extract_layers": [1, 1], "inject_layers": [2, 3]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CI box has 2 shared cores; two intra-op threads per process are far slower there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write_samples(root: Path, names=tuple(COLORS)) -> Path:
     samples = []

@@ -185,7 +185,8 @@ class VIFConfig:
         ``hidden_size`` and ``num_hidden_layers`` are read). ``overrides`` replace fields.
         """
         hidden, depth = _text_dims(model_or_config)
-        extract, inject = scaled_paper_pairs(depth)
+        explicit = "extract_layers" in overrides and "inject_layers" in overrides
+        extract, inject = (None, None) if explicit else scaled_paper_pairs(depth)
         if name == "paper":
             values = dict(
                 latent_size=hidden, ffn_size=4 * hidden, num_encoder_layers=3, num_heads=4, num_components=16
