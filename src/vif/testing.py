@@ -66,6 +66,25 @@ def tokens_per_image(model: LlavaForConditionalGeneration) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
+def pad_sequences(
+    sequences: list[torch.Tensor], padding_side: str, answer_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pads 1-D token sequences into ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, L)``.
+
+    The last ``answer_len`` tokens of each sequence are labelled (their own ids), the rest ``-100``.
+    """
+    length = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), length), PAD_TOKEN_ID)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    labels = torch.full((len(sequences), length), -100)
+    for b, seq in enumerate(sequences):
+        sl = slice(length - len(seq), length) if padding_side == "left" else slice(0, len(seq))
+        ids[b, sl], mask[b, sl] = seq, 1
+        if answer_len:
+            labels[b, sl][-answer_len:] = seq[-answer_len:]
+    return ids, mask, labels
+
+
 def llava_batch(
     model: LlavaForConditionalGeneration,
     samples: list[tuple[int, int, int]],
@@ -84,7 +103,7 @@ def llava_batch(
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.text_config.vocab_size
     per_image = tokens_per_image(model)
-    sequences, label_rows, n_total = [], [], 0
+    sequences, n_total = [], 0
     for n_images, prefix, suffix in samples:
         text = lambda n: torch.randint(4, vocab, (n,), generator=g)  # noqa: E731
         parts = [text(prefix)]
@@ -93,20 +112,9 @@ def llava_batch(
             if i < n_images - 1:
                 parts.append(text(2))
         parts.append(text(suffix))
-        seq = torch.cat(parts)
-        labels = torch.full_like(seq, -100)
-        if with_labels:
-            labels[-answer_len:] = seq[-answer_len:]
-        sequences.append(seq)
-        label_rows.append(labels)
+        sequences.append(torch.cat(parts))
         n_total += n_images
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(samples), length), PAD_TOKEN_ID)
-    mask = torch.zeros(len(samples), length, dtype=torch.long)
-    labels = torch.full((len(samples), length), -100)
-    for b, (seq, lab) in enumerate(zip(sequences, label_rows)):
-        sl = slice(length - len(seq), length) if padding_side == "left" else slice(0, len(seq))
-        ids[b, sl], mask[b, sl], labels[b, sl] = seq, 1, lab
+    ids, mask, labels = pad_sequences(sequences, padding_side, answer_len if with_labels else 0)
     vision = model.config.vision_config
     batch = {"input_ids": ids, "attention_mask": mask}
     if n_total:
@@ -223,7 +231,7 @@ def qwen_batch(
     vision = model.config.vision_config
     merge = vision.spatial_merge_size
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    sequences, label_rows, grid_thw = [], [], []
+    sequences, grid_thw = [], []
     for grids, prefix, suffix in samples:
         text = lambda n: torch.randint(QWEN_FIRST_TEXT_ID, vocab, (n,), generator=g)  # noqa: E731
         parts = [text(prefix)]
@@ -237,19 +245,8 @@ def qwen_batch(
                 parts.append(text(2))
             grid_thw.append((1, merge * rows, merge * cols))
         parts.append(text(suffix))
-        seq = torch.cat(parts)
-        labels = torch.full_like(seq, -100)
-        if with_labels:
-            labels[-answer_len:] = seq[-answer_len:]
-        sequences.append(seq)
-        label_rows.append(labels)
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(samples), length), PAD_TOKEN_ID)
-    mask = torch.zeros(len(samples), length, dtype=torch.long)
-    labels = torch.full((len(samples), length), -100)
-    for b, (seq, lab) in enumerate(zip(sequences, label_rows)):
-        sl = slice(length - len(seq), length) if padding_side == "left" else slice(0, len(seq))
-        ids[b, sl], mask[b, sl], labels[b, sl] = seq, 1, lab
+        sequences.append(torch.cat(parts))
+    ids, mask, labels = pad_sequences(sequences, padding_side, answer_len if with_labels else 0)
     batch = {
         "input_ids": ids,
         "attention_mask": mask,
