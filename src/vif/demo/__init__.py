@@ -34,12 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and training [0]")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads; 0 = torch's default [1: the model is tiny]"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     settings = DemoSettings.quick() if args.quick else DemoSettings.full()
-    metrics = run_demo(args.out, settings, device=args.device, seed=args.seed, progress=not args.no_progress)
+    metrics = run_demo(
+        args.out,
+        settings,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        threads=args.threads or None,
+    )
     control, vif = metrics["control"], metrics["vif"]
     print(
         f"\naccuracy on {metrics['n_test']} test questions: control {control['accuracy']:.3f}, "

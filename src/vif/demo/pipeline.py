@@ -28,7 +28,7 @@ class DemoSettings:
     num_kv_heads: int = 2
     vision_hidden_size: int = 128  # the vision tower stays random: wide random features keep colour readable
     # training: the base run, then each arm continues for `arm_steps`
-    base_steps: int = 800
+    base_steps: int = 1500
     arm_steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
@@ -57,7 +57,7 @@ class DemoSettings:
             n_train=2000,
             n_val=0,
             n_test=400,
-            question_types=("color", "position"),
+            question_types=("color",),
         )
         return cls(data=data)
 
@@ -102,8 +102,26 @@ def run_demo(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
-    """Runs the whole demo into ``out_dir``; returns what ``metrics.json`` holds."""
+    """Runs the whole demo into ``out_dir``; returns what ``metrics.json`` holds.
+
+    ``threads``: torch CPU threads during the run (None: leave torch's setting). One thread is the
+    default because the model is tiny: more threads gain little, and on a machine shared with other
+    jobs, spinning worker threads can make every step tens of times slower.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out_dir, settings, device, seed, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(
+    out_dir: str | Path, settings: DemoSettings | None, device: str, seed: int, progress: bool
+) -> dict[str, Any]:
     from ..loading import load_model
     from ..training import train
     from .report import write_report
@@ -156,7 +174,7 @@ def run_demo(
         )
         models[name] = (model, processor)
         scores[name] = score_split(
-            model, processor, paths["test"], settings.eval_batch_size, label=name, progress=progress
+            model, processor, paths["test"], out / "eval" / name, settings.eval_batch_size, progress
         )
 
     # 5. diagnostics of both arms on the same test samples

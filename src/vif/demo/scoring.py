@@ -1,10 +1,9 @@
-"""Scoring a model on a TinyFind split: greedy generation + exact match.
+"""Scoring a model on a TinyFind split with :func:`vif.eval.evaluate` (greedy generation, exact match).
 
-A small stand-in used until :mod:`vif.eval` provides generation-based evaluation. Prompts are
-encoded with the model's own chat template (the same encoding training used, minus the
-answer), left-padded, and decoded greedily; the decoded text is compared with the reference
-answer by :func:`vif.eval.metrics.exact_match` after removing spaces, because the tiny
-word-level tokenizer decodes "top-left" as "top - left".
+TinyFind's split files are LLaVA-format training data; ``vif eval`` reads benchmark files
+(``{"id", "image", "question", "answer"}``). :func:`write_benchmark` converts one into the other,
+and :func:`score_split` evaluates and adds per-question-type accuracy (TinyFind's ``meta.type``).
+The question is asked exactly as in training: no answer-format instruction is appended.
 """
 
 from __future__ import annotations
@@ -14,78 +13,75 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
-
-from ..eval.metrics import exact_match
 
 
-def _prompt_items(processor: Any, records: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
-    from ..diagnostics.inputs import encode_pil_sample
+def write_benchmark(split_json: Path, out_path: Path) -> Path:
+    """A ``vif eval`` benchmark file (JSON list) with the questions and answers of a TinyFind split."""
+    records = json.loads(split_json.read_text())
+    rows = [
+        {
+            "id": r["id"],
+            "image": r["image"],
+            "question": r["conversations"][0]["value"].replace("<image>", "").strip(),
+            "answer": r["conversations"][1]["value"],
+            "type": r["meta"]["type"],
+        }
+        for r in records
+    ]
+    out_path.write_text(json.dumps(rows, indent=1) + "\n")
+    return out_path
 
-    items = []
-    for record in records:
-        question = record["conversations"][0]["value"].replace("<image>", "").strip()
-        with Image.open(folder / record["image"]) as image:
-            items.append(encode_pil_sample(processor, image.convert("RGB"), question))
-    return items
 
-
-def _squash(text: str) -> str:
-    return "".join(text.split())
-
-
-@torch.no_grad()
 def score_split(
     model: torch.nn.Module,
     processor: Any,
-    json_path: str | Path,
-    batch_size: int = 32,
-    max_new_tokens: int = 5,
-    label: str = "model",
+    split_json: Path,
+    out_dir: Path,
+    batch_size: int = 50,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Greedy-decodes every question of a TinyFind split; returns accuracy overall and per type.
+    """Evaluates ``model`` on a TinyFind split; predictions and summary go to ``out_dir``.
 
     Returns:
-        ``{"accuracy", "n", "per_type": {type: accuracy}, "predictions": [{id, type, answer, prediction, correct}]}``.
+        ``{"accuracy", "n", "per_type": {type: accuracy}, "predictions": [{id, type, answer,
+        prediction, correct}]}``.
     """
-    from ..data.llava_format import VIFCollator
+    from ..eval import evaluate
 
-    json_path = Path(json_path)
-    records = json.loads(json_path.read_text())
-    items = _prompt_items(processor, records, json_path.parent)
-    collator = VIFCollator(processor, padding_side="left")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    device = next(model.parameters()).device
-    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The benchmark file sits next to the split so that its relative image paths resolve.
+    bench = write_benchmark(split_json, split_json.with_name(split_json.stem + "_benchmark.json"))
+    summary = evaluate(
+        model,
+        processor,
+        bench,
+        "exact_match",
+        output_dir=out_dir,
+        batch_size=batch_size,
+        max_new_tokens=5,  # the longest answer, "bottom - right </s>", is 4 tokens
+        instruction="",
+        progress=progress,
+    )
+    (run,) = summary["runs"].values()
+    types = {r["id"]: r["type"] for r in json.loads(bench.read_text())}
     predictions = []
-    bar = tqdm(total=len(records), desc=f"evaluate {label}", unit="question", disable=not progress)
-    for start in range(0, len(records), batch_size):
-        batch = collator(items[start : start + batch_size])
-        batch.pop("labels")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        for record, text in zip(records[start : start + batch_size], texts):
-            answer = record["conversations"][1]["value"]
-            correct = exact_match(_squash(text), _squash(answer)) == 1.0
+    with open(out_dir / run["predictions_file"], encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
             predictions.append(
                 {
-                    "id": record["id"],
-                    "type": record["meta"]["type"],
-                    "answer": answer,
-                    "prediction": text.strip(),
-                    "correct": correct,
+                    "id": row["id"],
+                    "type": types[row["id"]],
+                    "answer": row["answer"],
+                    "prediction": row["prediction"],
+                    "correct": row["scores"]["accuracy"] == 1.0,
                 }
             )
-        bar.update(len(texts))
-    bar.close()
     per_type: dict[str, list[bool]] = {}
     for p in predictions:
         per_type.setdefault(p["type"], []).append(p["correct"])
     return {
-        "accuracy": sum(p["correct"] for p in predictions) / max(len(predictions), 1),
+        "accuracy": run["scores"]["accuracy"],
         "n": len(predictions),
         "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
         "predictions": predictions,
