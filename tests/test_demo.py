@@ -40,6 +40,11 @@ def test_metrics_schema(quick_run: tuple[Path, dict]) -> None:
         # entropy of a distribution over the image tokens: between 0 and ln(Nv)
         assert 0.0 < m["deep_entropy"] <= torch.log(torch.tensor(float(n_tokens))).item() + 1e-6
         assert 0.0 < m["deep_ratio"] <= 1.0 + 1e-6
+        assert 0.0 <= m["deep_attention_on_target"] <= 1.0
+    assert metrics["control"]["importance_on_target"] is None  # no VIF map in the control arm
+    assert 0.0 <= metrics["vif"]["importance_on_target"] <= 1.0
+    assert 0.0 <= metrics["vif"]["importance_variation"] <= 1.0
+    assert 0.0 < metrics["on_target_if_uniform"] < 1.0
     assert metrics["steps"] == {"base": settings.base_steps, "arm": settings.arm_steps}
     assert metrics["seconds"] > 0
     assert metrics["n_test"] == settings.data.n_test
@@ -84,7 +89,7 @@ def test_rerun_reproduces_numbers(quick_run: tuple[Path, dict], tmp_path: Path) 
     out, metrics = quick_run
     again = _run(tmp_path)
     for arm in ("control", "vif"):
-        for key in ("accuracy", "deep_entropy", "deep_ratio", "train_loss"):
+        for key in ("accuracy", "deep_entropy", "deep_ratio", "train_loss", "importance_on_target"):
             assert again[arm][key] == metrics[arm][key], (arm, key)
     first = json.loads((out / "predictions.json").read_text())
     assert json.loads((tmp_path / "predictions.json").read_text()) == first

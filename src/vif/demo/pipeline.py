@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.tinyfind import TinyFindConfig, answer_vocabulary, generate, question_vocabulary
@@ -189,6 +190,7 @@ def _run_demo(
             "deep_ratio": diagnostics[name]["deep_ratio"],
             "deep_attention_on_target": diagnostics[name]["on_target"]["deep_attention"],
             "importance_on_target": diagnostics[name]["on_target"]["importance"],
+            "importance_variation": diagnostics[name]["on_target"]["importance_variation"],
             "train_loss": arms[name].metrics.get("loss"),
         }
         for name in arms
@@ -265,15 +267,19 @@ def on_target(
 ) -> dict[str, Any]:
     """How much of the deep-layer visual attention (and of VIF's map) lands on the target's tokens.
 
-    Returns ``{"uniform", "deep_attention", "per_layer": {layer: share}, "importance": share | None}``:
-    mean over samples of the share of the renormalised attention over image tokens that falls on the
-    tokens overlapping the target box; ``uniform`` is that share for a flat distribution (the number of
-    target tokens / Nv), the level of an attention that ignores where the target is.
+    Returns ``{"uniform", "deep_attention", "per_layer": {layer: share}, "importance": share | None,
+    "importance_variation": tv | None}``: mean over samples of the share of the renormalised attention
+    over image tokens that falls on the tokens overlapping the target box; ``uniform`` is that share for
+    a flat distribution (the number of target tokens / Nv), the level of an attention that ignores where
+    the target is. ``importance_variation`` is the mean total-variation distance between a sample's VIF
+    map and the mean map over samples: 0 when the map is the same for every image (it cannot be
+    following the target), up to 1 for maps on disjoint tokens.
     """
     from ..diagnostics.stats import deep_layers
 
     per_layer: dict[int, list[float]] = {layer: [] for layer in collection.layers}
     importance: list[float] = []
+    maps: list[np.ndarray] = []  # (Nv,) VIF map of each sample, averaged over injection layers
     uniform: list[float] = []
     for record in collection.records:
         mask = target_tokens(boxes[record.meta["id"]], image_size, patch_size).numpy()
@@ -282,9 +288,9 @@ def on_target(
             visual = record.visual[pos]
             per_layer[layer].append(float(visual[mask].sum() / max(visual.sum(), 1e-12)))
         if record.importance:
-            importance.append(
-                float(sum(pi[mask].sum() for pi in record.importance.values()) / len(record.importance))
-            )
+            pi = np.mean(list(record.importance.values()), axis=0)
+            importance.append(float(pi[mask].sum()))
+            maps.append(pi)
     mean = {layer: sum(v) / len(v) for layer, v in per_layer.items() if v}
     deep = deep_layers(collection)
     return {
@@ -292,4 +298,13 @@ def on_target(
         "deep_attention": sum(mean[layer] for layer in deep) / len(deep),
         "per_layer": mean,
         "importance": sum(importance) / len(importance) if importance else None,
+        "importance_variation": _variation(maps),
     }
+
+
+def _variation(maps: list[np.ndarray]) -> float | None:
+    """Mean total-variation distance of each map to the mean map (maps of equal length only)."""
+    if not maps or len({m.shape for m in maps}) != 1:
+        return None
+    stacked = np.stack(maps)  # (n_samples, Nv)
+    return float(0.5 * np.abs(stacked - stacked.mean(0)).sum(-1).mean())

@@ -47,6 +47,48 @@ def verdict(metrics: dict[str, Any]) -> str:
     )
 
 
+def diagnosis(metrics: dict[str, Any]) -> list[str]:
+    """Sentences that say WHY the arms came out as they did, read off the on-target measurements."""
+    uniform = metrics["on_target_if_uniform"]
+    control, vif = metrics["control"], metrics["vif"]
+    lines = []
+    c_share = control["deep_attention_on_target"]
+    if c_share < 1.5 * uniform:
+        lines.append(
+            f"The control's deep layers spread their attention over the whole image: {_pct(c_share)} of it "
+            f"lands on the target's tokens, where a flat attention puts {_pct(uniform)} (visual attenuation)."
+        )
+    else:
+        lines.append(
+            f"The control's deep layers already focus on the target: {_pct(c_share)} of their visual attention "
+            f"lands on its tokens vs {_pct(uniform)} for a flat attention."
+        )
+    pi_share, variation = vif["importance_on_target"], vif["importance_variation"]
+    if pi_share is not None and pi_share >= 2 * uniform:
+        lines.append(
+            f"VIF's importance map finds the target: {_pct(pi_share)} of its mass is on the target's tokens "
+            f"({_pct(uniform)} for a flat map); the VIF arm's deep attention puts "
+            f"{_pct(vif['deep_attention_on_target'])} there."
+        )
+    elif pi_share is not None:
+        lines.append(
+            f"VIF's importance map does NOT find the target: {_pct(pi_share)} of its mass is on the target's "
+            f"tokens, where a flat map would put {_pct(uniform)}. Its lower deep-layer entropy is focus on "
+            "the wrong place, not on the target."
+        )
+    if variation is not None and variation < 0.15:
+        lines.append(
+            f"The map is almost the same for every image (mean total-variation distance to the average map: "
+            f"{_num(variation, 2)}): it collapsed to a fixed place instead of following the target. "
+            "docs/demo.md explains this failure and what was tried."
+        )
+    elif variation is not None:
+        lines.append(
+            f"The map changes from image to image (mean total-variation distance {_num(variation, 2)})."
+        )
+    return lines
+
+
 def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[str]) -> list[Block]:
     settings = metrics["settings"]
     data = settings["data"]
@@ -97,6 +139,10 @@ def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[
             f"where the target is puts {_pct(metrics['on_target_if_uniform'])} there.",
         )
     )
+
+    out.append(("h", "Why"))
+    for line in diagnosis(metrics):
+        out.append(("p", line))
 
     out.append(("h", "Per-layer attention on the image"))
     out.append(("img", ("diagnostics/attention_ratio.png", "Visual attention ratio per layer.")))
