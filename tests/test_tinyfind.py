@@ -268,3 +268,27 @@ def test_cli(tmp_path: Path) -> None:
     )
     assert [len(_load(tmp_path / f"{s}.json")) for s in SPLITS] == [3, 2, 1]
     assert json.loads((tmp_path / "dataset_info.json").read_text())["config"]["seed"] == 5
+
+
+def test_colour_and_position_answers_read_from_pixels_alone(tmp_path: Path) -> None:
+    """Derives the answer from the PNG only (no meta): the saturated pixels are the small object; their
+    colour is the colour answer and the quadrant of their bounding box the position answer."""
+    config = TinyFindConfig(
+        image_size=64, target_size=6, clutter=1.0, n_train=40, n_val=0, n_test=0, seed=5,
+        question_types=("color", "position"),
+    )  # fmt: skip
+    json_path = generate(tmp_path, config, progress=False)["train"]
+    names = {rgb: name for name, rgb in PALETTE.items()}
+    for record in _load(json_path):
+        pixels = _pixels(json_path, record).astype(int)
+        saturated = pixels.max(-1) - pixels.min(-1) > MUTED_MAX_SPREAD
+        colours = {tuple(rgb) for rgb in pixels[saturated]}
+        assert len(colours) == 1, record["id"]  # one object, painted in one exact palette colour
+        ys, xs = np.nonzero(saturated)
+        assert saturated.sum() <= config.target_size**2
+        answer = record["conversations"][1]["value"]
+        if record["meta"]["type"] == "color":
+            assert names[colours.pop()] == answer
+        else:
+            box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert quadrant_of(box, config.image_size) == answer
