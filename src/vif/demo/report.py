@@ -58,6 +58,13 @@ def diagnosis(metrics: dict[str, Any]) -> list[str]:
             f"The control's deep layers spread their attention over the whole image: {_pct(c_share)} of it "
             f"lands on the target's tokens, where a flat attention puts {_pct(uniform)} (visual attenuation)."
         )
+        if tuple(metrics["settings"]["data"]["question_types"]) == ("color",):
+            lines.append(
+                f"It still answers {_pct(control['accuracy'])} correctly (chance: 20%): in TinyFind the target "
+                "is the only saturated object, so its colour can be read off the image as a whole, without "
+                "finding where it is. Looking harder at the target is less of an advantage than on a task "
+                "where several objects compete."
+            )
     else:
         lines.append(
             f"The control's deep layers already focus on the target: {_pct(c_share)} of their visual attention "
