@@ -129,7 +129,7 @@ def attention_worker(route: str, args: argparse.Namespace) -> dict:
     def plan_for(q_len: int, kv_len: int) -> InjectionPlan:
         rows = torch.arange(kv_len - q_len, kv_len, device=args.device)[None].repeat(batch, 1)
         inject = (rows < start) | (rows >= start + n_vis)
-        return InjectionPlan(pi, positions, rows, inject, 0.5)
+        return InjectionPlan(pi, positions, rows, inject, 0.5, span=(start, start + n_vis))
 
     def call(q_len: int):
         query, key, value = (

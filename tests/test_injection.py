@@ -80,6 +80,13 @@ def test_decode_row_equals_last_prefill_row():
     ref, _ = materialised_attention(module, q1, key, value, None, plan1, scaling=0.3)
     assert torch.allclose(one, full[:, -1:], atol=1e-12)
     assert torch.allclose(one, ref, atol=1e-12)
+    # The image span (slots 2..7 hold every image token) is all decoding needs to read.
+    spanned = InjectionPlan(pi, positions, rows[:, -1:], inject[:, -1:], 0.5, span=(2, 8))
+    value_outside_nan = value.clone()
+    value_outside_nan[:, :, :2] = float("nan")
+    value_outside_nan[:, :, 8:] = float("nan")
+    base_one = sdpa_attention_forward(module, q1, key, value, None, scaling=0.3)[0]
+    assert torch.allclose(fused_correction(base_one, value_outside_nan, spanned), one, atol=1e-12)
 
 
 def test_gradients_match():

@@ -15,8 +15,9 @@ Two ways to compute it:
 
   where ``m_i`` is the pi-mass visible to row ``i``. Image tokens are visible to a row
   exactly when they precede it (they are never padding), so the visible sums are
-  prefix sums along the kv axis of ``pi_j V_j``: ``O(kv_len x head_dim)`` work per KV
-  head (one matrix-vector product when decoding), and no ``(q_len x kv_len)`` matrix.
+  prefix sums along the kv axis of ``pi_j V_j`` at prefill, and one matrix-vector product
+  over the cached values of the image span when decoding (``O(n_vision x head_dim)`` per
+  KV head for one image per sample); never a ``(q_len x kv_len)`` matrix.
 * :func:`materialised_attention` - the obviously correct reference that builds ``A``,
   mixes, masks and renormalises it, and returns ``A'`` as the attention weights.
 
@@ -54,6 +55,8 @@ class InjectionPlan:
     rows: ``(B, q_len)`` sequence index of each query row.
     inject: ``(B, q_len)`` bool, rows that receive the map.
     alpha: mixing weight.
+    span: ``(first, end)`` kv slots holding every image token of the batch (``None``: all
+        slots). Known once per prompt, it lets the fused path read only those values.
     """
 
     pi: torch.Tensor
@@ -61,6 +64,7 @@ class InjectionPlan:
     rows: torch.Tensor
     inject: torch.Tensor
     alpha: float
+    span: tuple[int, int] | None = None
 
 
 class PlanSource(Protocol):
@@ -75,6 +79,10 @@ class PlanSource(Protocol):
 def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan) -> torch.Tensor:
     """Applies the closed form to a base backend's output.
 
+    Extra work per KV head: a prefix sum of ``pi_j V_j`` along the kv axis at prefill; when
+    decoding, one matrix-vector product over the cached values of the image span
+    ``plan.span`` (``O(n_vision x head_dim)`` for one image per sample).
+
     Args:
         out: ``(B, q_len, Hq, d)`` the base attention output ``O``.
         value: ``(B, Hkv, kv_len, d)`` values after the cache update (GQA not expanded).
@@ -88,17 +96,17 @@ def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan
     q_len, hq = out.shape[1], out.shape[2]
     acc = torch.promote_types(out.dtype, torch.float32)  # accumulate half precision in fp32
     alpha = plan.alpha
-    # pi spread over the kv slots (0 off the image); padding entries carry pi = 0.
-    pi_kv = torch.zeros(batch, kv_len, device=value.device, dtype=acc)
-    pi_kv = pi_kv.scatter_add(1, plan.positions.clamp(max=kv_len - 1), plan.pi.to(acc))
-
     if q_len == 1:
-        # Decoding: the new row sits after every cached token, so it sees the whole map.
-        mass = pi_kv.sum(-1, keepdim=True)  # (B, 1)
-        mixed_v = torch.matmul(pi_kv[:, None, None, :], value.to(acc))  # (B, Hkv, 1, d)
+        # Decoding: the new row sits after every image token, so it sees the whole map; only
+        # the cached values of the image span are read.
+        first, end = plan.span if plan.span is not None else (0, kv_len)
+        pi_span = spread(plan, first, min(end, kv_len), acc)  # (B, S)
+        mass = pi_span.sum(-1, keepdim=True)  # (B, 1)
+        mixed_v = torch.matmul(pi_span[:, None, None, :], value[:, :, first:end].to(acc))  # (B, Hkv, 1, d)
     else:
         # Prefill: row i (kv slot kv_len - q_len + i) sees the slots up to its own, so the
         # pi-weighted value sums it needs are prefix sums along the kv axis.
+        pi_kv = spread(plan, 0, kv_len, acc)  # (B, kv)
         mass = pi_kv.cumsum(-1)[:, kv_len - q_len :]  # (B, q)
         mixed_v = (pi_kv[:, None, :, None] * value.to(acc)).cumsum(2)[:, :, kv_len - q_len :]
 
@@ -107,6 +115,13 @@ def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan
     new = ((1.0 - alpha) * out.to(acc) + alpha * mixed_v) / denom
     inject = (plan.inject & (mass > 0))[:, :, None, None]
     return torch.where(inject, new.to(out.dtype), out)
+
+
+def spread(plan: InjectionPlan, first: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, end - first)``: pi on kv slots ``first .. end - 1`` (0 off the image; padding entries carry 0)."""
+    slots = (plan.positions - first).clamp(0, end - first - 1)
+    zeros = torch.zeros(plan.pi.shape[0], end - first, device=plan.pi.device, dtype=dtype)
+    return zeros.scatter_add(1, slots, plan.pi.to(dtype))
 
 
 def visibility(attention_mask: torch.Tensor | None, rows: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -212,7 +212,9 @@ class _Runtime:
         if (q_len, kv_len) not in self.row_plan:  # the same for every injected layer of a call
             self.row_plan[(q_len, kv_len)] = self.injected_rows(q_len, kv_len)
         rows, inject = self.row_plan[(q_len, kv_len)]
-        return InjectionPlan(self.results[layer_idx].pi, layout.positions, rows, inject, config.alpha)
+        return InjectionPlan(
+            self.results[layer_idx].pi, layout.positions, rows, inject, config.alpha, layout.span
+        )
 
     def injected_rows(self, q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Query rows ``(B, q_len)`` (kv slots) of this call and which of them receive the map."""

@@ -39,6 +39,8 @@ class VisionLayout:
     coords: ``(B, Nv, 2)`` each token's ``(x, y)`` centre in its image's unit square.
     grids: per sample, the ``(rows, cols)`` grid of each of its images, in sequence order.
     seq_len: length of the sequence the layout was computed for (the prompt at generation).
+    span: ``(first, end)``: every image token of the batch lies in sequence slots
+        ``first <= i < end`` (``(0, 0)`` without images).
     """
 
     positions: torch.Tensor
@@ -46,6 +48,7 @@ class VisionLayout:
     coords: torch.Tensor
     grids: list[list[tuple[int, int]]]
     seq_len: int
+    span: tuple[int, int] = (0, 0)
 
     @property
     def has_image(self) -> torch.Tensor:
@@ -93,7 +96,11 @@ def build_layout(
         positions[b, :n] = image_mask[b].nonzero().squeeze(-1)
         valid[b, :n] = True
         coords[b, :n] = torch.cat([grid_coordinates(h, w, grid_mode) for h, w in grids[b]]).to(device)
-    return VisionLayout(positions, valid, coords, grids, seq_len)
+    span = (0, 0)
+    if width:
+        real = positions[valid]
+        span = (int(real.min()), int(real.max()) + 1)  # one host sync per prompt, not per layer
+    return VisionLayout(positions, valid, coords, grids, seq_len, span)
 
 
 class BackboneAdapter:
