@@ -36,7 +36,6 @@ MIXED = [([(2, 3), (3, 2)], 3, 6), ([], 5, 7), ([(2, 2)], 2, 4)]
 family = pytest.mark.parametrize("family", QWEN_FAMILIES)
 
 
-
 def paper(model, **overrides):
     return vif.VIFConfig.preset("paper", model, **overrides)
 

@@ -36,7 +36,6 @@ WORDS = ["what color is the square", "it is red blue green white"]
 VIF = {"preset": "compact", "extract_layers": [1, 1], "inject_layers": [2, 3]}
 
 
-
 def write_samples(root: Path, names=tuple(COLORS)) -> Path:
     samples = []
     for i, name in enumerate(names):
