@@ -23,12 +23,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import run_worker
 
 # "attender" runs the VIF module but injects nothing (alpha = 0): the method's own cost,
 # separated from the cost of injecting.
@@ -160,14 +160,6 @@ def attention_worker(route: str, args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def run_isolated(part: str, route: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--worker", f"{part}:{route}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{part}:{route} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         (part, route) for part in results for route in ROUTES if (part, route) != ("attention", "attender")
     ]
     for part, route in tqdm(jobs, desc="benchmark", unit="run"):
-        results[part][route] = run_isolated(part, route, forwarded)
+        results[part][route] = run_worker(__file__, forwarded, f"{part}:{route}")
 
     def ratio(part: str, key: str, route: str) -> float:
         return results[part][route][key] / results[part]["base"][key]

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import run_worker
 
 ROUTES = ("base", "fused", "materialised")
 
@@ -116,14 +116,6 @@ def worker(route: str, args: argparse.Namespace) -> dict:
     }
 
 
-def run_isolated(route: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--worker", route]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{route} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {route: [] for route in ROUTES}
     jobs = [ROUTES[(i + r) % len(ROUTES)] for r in range(args.rounds) for i in range(len(ROUTES))]
     for route in tqdm(jobs, desc="benchmark", unit="run"):
-        runs[route].append(run_isolated(route, forwarded))
+        runs[route].append(run_worker(__file__, forwarded, route))
     results = {}
     for route, done in runs.items():
         steps = [t for run in done for t in run["step_ms_all"]]
