@@ -41,6 +41,7 @@ IMAGE_MARKER = "<image>"  # image placeholder of the LLaVA data format (not nece
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 ImageAspect = Literal["pad", "resize", "keep"]
+IMAGE_ASPECTS = ("pad", "resize", "keep")
 OnBadImage = Literal["raise", "skip"]
 
 
@@ -71,6 +72,25 @@ def pad_to_square(image: Image.Image, fill_rgb: tuple[int, int, int]) -> Image.I
     out = Image.new("RGB", (side, side), tuple(fill_rgb))
     out.paste(image, ((side - w) // 2, (side - h) // 2))
     return out
+
+
+def prepare_image(image: Image.Image, processor: Any, image_aspect: str = "pad") -> Image.Image:
+    """Square an image before the processor, as ``data.image_aspect`` says (training and eval alike).
+
+    "pad": pad to a square with the image processor's mean colour (LLaVA-1.5's training and
+    evaluation); "resize": stretch to a square; "keep": leave it to the processor (CLIP resizes
+    and centre-crops, Qwen keeps the native aspect).
+    """
+    if image_aspect not in IMAGE_ASPECTS:
+        raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+    image = image.convert("RGB")
+    if image_aspect == "pad":
+        mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or (0.5, 0.5, 0.5)
+        return pad_to_square(image, tuple(int(m * 255) for m in mean))  # int(), as LLaVA does
+    if image_aspect == "resize":
+        side = max(image.size)
+        return image.resize((side, side), Image.Resampling.BICUBIC)
+    return image
 
 
 # Errors PIL raises on missing, truncated or garbage files.
@@ -160,13 +180,14 @@ def conversations_to_messages(conversations: list[dict[str, str]], sample_id: st
 # Encoding one conversation
 
 
-def _tokenizer_of(processor: Any) -> Any:
+def tokenizer_of(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
-def _render(processor: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(processor: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    """``messages`` rendered by the chat template, as text (not tokenised)."""
     # The processor's template if it has one (the hub puts it there for VLMs), else the tokenizer's.
-    owner = processor if getattr(processor, "chat_template", None) else _tokenizer_of(processor)
+    owner = processor if getattr(processor, "chat_template", None) else tokenizer_of(processor)
     return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -189,14 +210,14 @@ def _assemble_prompt(
     answer - LLaVA-1.5 was trained with "</s>" there, and a model that never sees it
     does not learn to stop.
     """
-    tokenizer = _tokenizer_of(processor)
+    tokenizer = tokenizer_of(processor)
     specials = _special_token_strings(tokenizer)
     prompt, spans, consumed = "", [], ""  # consumed: the template's own rendering so far
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(processor, messages[:j], add_generation_prompt=True)
-        through = _render(processor, messages[: j + 1], add_generation_prompt=False)
+        before = render_chat(processor, messages[:j], add_generation_prompt=True)
+        through = render_chat(processor, messages[: j + 1], add_generation_prompt=False)
         if not (before.startswith(consumed) and through.startswith(before)):
             raise LlavaFormatError(
                 f"sample {sample_id!r}: the chat template does not render conversations incrementally "
@@ -213,7 +234,7 @@ def _assemble_prompt(
         spans.append((len(prompt) + lead, len(prompt) + lead + len(core)))
         prompt += answer[:lead] + core + trail
         consumed = through
-    full = _render(processor, messages, add_generation_prompt=False)
+    full = render_chat(processor, messages, add_generation_prompt=False)
     if not full.startswith(consumed):
         raise LlavaFormatError(
             f"sample {sample_id!r}: the chat template's full rendering changes earlier turns"
@@ -254,7 +275,7 @@ def encode_conversation(
     None), plus ``image_grid_thw (n_images, 3)`` / ``mm_token_type_ids (L,)`` when the
     processor produces them.
     """
-    tokenizer = _tokenizer_of(processor)
+    tokenizer = tokenizer_of(processor)
     prompt, spans = _assemble_prompt(processor, messages, sample_id)
 
     kwargs: dict[str, Any] = dict(return_tensors="pt", return_offsets_mapping=True)
@@ -350,8 +371,8 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
         on_bad_image: OnBadImage = "raise",
         max_length: int = 2048,
     ) -> None:
-        if image_aspect not in ("pad", "resize", "keep"):
-            raise ValueError(f"image_aspect must be 'pad', 'resize' or 'keep', got {image_aspect!r}")
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         json_path = Path(json_path)
@@ -414,15 +435,6 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _prepare(self, image: Image.Image) -> Image.Image:
-        if self.image_aspect == "pad":
-            mean = self.processor.image_processor.image_mean
-            return pad_to_square(image, tuple(int(m * 255) for m in mean))  # int(), as LLaVA does
-        if self.image_aspect == "resize":
-            side = max(image.size)
-            return image.resize((side, side), Image.Resampling.BICUBIC)
-        return image
-
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.processor is None:
             raise RuntimeError(
@@ -433,7 +445,7 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
             raise LlavaFormatError(
                 f"sample {sample_id!r} has images but {type(self.processor).__name__} cannot process them"
             )
-        images = [self._prepare(load_image(p, sample_id)) for p in paths]
+        images = [prepare_image(load_image(p, sample_id), self.processor, self.image_aspect) for p in paths]
         example = encode_conversation(self.processor, messages, images, self.max_length, sample_id)
         example["id"] = sample_id
         return example
@@ -464,7 +476,7 @@ class VIFCollator:
     ) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        tokenizer = _tokenizer_of(processor_or_tokenizer)
+        tokenizer = tokenizer_of(processor_or_tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")

@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from ..data.llava_format import LlavaFormatDataset, VIFCollator, encode_conversation
+from ..data.llava_format import (
+    LlavaFormatDataset,
+    VIFCollator,
+    encode_conversation,
+    render_chat,
+    tokenizer_of,
+)
 
 Batch = dict[str, Any]
 Meta = dict[str, Any]
@@ -65,9 +71,8 @@ def encode_pil_sample(processor: Any, image: Any, question: str, answer: str | N
     if answer is not None:
         assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
         return encode_conversation(processor, [user, assistant], [image])
-    tokenizer = getattr(processor, "tokenizer", processor)
-    owner = processor if getattr(processor, "chat_template", None) else tokenizer
-    prompt = owner.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    tokenizer = tokenizer_of(processor)
+    prompt = render_chat(processor, [user], add_generation_prompt=True)
     # No second BOS when the template already wrote one (as encode_conversation does).
     add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
     out = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=add_special)

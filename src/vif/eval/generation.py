@@ -19,14 +19,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..data.llava_format import pad_to_square
+from ..data.llava_format import IMAGE_ASPECTS, prepare_image, render_chat, tokenizer_of
+
+__all__ = [
+    "IMAGE_ASPECTS",
+    "generate_answers",
+    "prepare_image",
+    "render_prompt",
+    "tokenizer_of",
+    "user_message",
+]
 
 Message = dict[str, Any]
-IMAGE_ASPECTS = ("pad", "resize", "keep")
-
-
-def tokenizer_of(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
 
 
 def render_prompt(processor: Any, messages: list[Message]) -> str:
@@ -42,7 +46,7 @@ def render_prompt(processor: Any, messages: list[Message]) -> str:
             "the processor has no chat template, so prompts cannot be rendered; save the model folder with "
             "a processor that has one (processor.chat_template = ...; processor.save_pretrained(path))."
         )
-    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(processor, messages, add_generation_prompt=True)
 
 
 def user_message(question: str, num_images: int = 1) -> list[Message]:
@@ -50,25 +54,6 @@ def user_message(question: str, num_images: int = 1) -> list[Message]:
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]
-
-
-def prepare_image(image: Image.Image, processor: Any, image_aspect: str = "pad") -> Image.Image:
-    """Square an image the way ``vif train`` does (``data.image_aspect``), before the processor.
-
-    "pad": pad to a square with the image processor's mean colour (LLaVA-1.5's evaluation and
-    training); "resize": stretch to a square; "keep": leave it to the processor (CLIP resizes
-    and centre-crops, Qwen keeps the native aspect).
-    """
-    if image_aspect not in IMAGE_ASPECTS:
-        raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
-    image = image.convert("RGB")
-    if image_aspect == "pad":
-        mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or (0.5, 0.5, 0.5)
-        return pad_to_square(image, tuple(int(m * 255) for m in mean))  # int(), as LLaVA does
-    if image_aspect == "resize":
-        side = max(image.size)
-        return image.resize((side, side), Image.Resampling.BICUBIC)
-    return image
 
 
 def _unwrap(model: Any) -> Any:
