@@ -131,10 +131,15 @@ class Branch(nn.Module):
 
 @dataclass
 class Latent:
-    """Gaussian over the slots of one branch: mu, logvar ``(B, K, Dz)``."""
+    """Gaussian over the slots of one branch: mu, logvar ``(B, K, Dz)``.
+
+    ``tokens``: the branch's encoded image tokens ``(B, Nv, Dz)``, which ``centers="attention"``
+    locates the components on.
+    """
 
     mu: torch.Tensor
     logvar: torch.Tensor
+    tokens: torch.Tensor | None = None
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         eps = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
@@ -146,6 +151,68 @@ def gaussian_kl(q: Latent, p: Latent) -> torch.Tensor:
     lq, lp = q.logvar.float(), p.logvar.float()
     kl = 0.5 * (lp - lq + (lq.exp() + (q.mu.float() - p.mu.float()).pow(2)) / lp.exp() - 1.0)
     return kl.mean()
+
+
+class EvidenceHead(nn.Module):
+    """Reads the answer from what the map points at: the answer-evidence loss.
+
+    The map ``pi`` pools per-token image features into one vector per sample; a LayerNorm and
+    a linear map take it to the LLM's hidden size, and the LM's own output embeddings
+    (``lm_head``, detached: this loss never trains the LLM) score every vocabulary token. The
+    loss is the cross-entropy of the answer's tokens (a bag of words). It gives the map a direct
+    signal from the first step: the pooled features predict the answer only when the map
+    covers the patches that show it. Without it the only signal is the LM loss through the
+    injection, which is flat until the LLM has learned to use a map (docs/demo.md).
+    """
+
+    def __init__(self, hidden_size: int, reader: str = "pooled") -> None:
+        super().__init__()
+        self.reader = reader
+        self.norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(
+        self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
+    ) -> torch.Tensor:
+        if self.reader == "tokens":
+            return self.token_reader(pi, features, readout, answers)
+        return self.pooled_reader(pi, features, readout, answers)
+
+    def token_reader(
+        self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
+    ) -> torch.Tensor:
+        """Each image token reads the answer on its own; ``pi`` mixes their likelihoods.
+
+        ``-log sum_j pi_j p_j(answer token)``, over the batch's answer tokens as candidates. The
+        gradient raises ``pi_j`` exactly where token ``j`` alone explains the answer (attention
+        multiple-instance learning), so every token gets a signal from the first step.
+        """
+        has = answers >= 0
+        candidates, index = torch.unique(answers.clamp_min(0), return_inverse=True)  # (U,), (B, A)
+        logits = torch.einsum(
+            "bnd,ud->bnu", self.proj(self.norm(features)), readout[candidates].to(features.dtype)
+        )
+        log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, N, U)
+        picked = log_p.gather(2, index[:, None, :].expand(-1, log_p.shape[1], -1))  # (B, N, A)
+        log_pi = pi.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        mixed = torch.logsumexp(picked + log_pi[..., None], dim=1)  # (B, A)
+        return -(mixed * has).sum() / has.sum().clamp_min(1)
+
+    def pooled_reader(
+        self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the answer tokens -> scalar.
+
+        pi ``(B, Nv)`` the map (0 on padding), features ``(B, Nv, D)`` per image token,
+        readout ``(V, D)`` the LM's output embeddings, answers ``(B, A)`` token ids, -100 where
+        there is none (samples without answer tokens contribute nothing).
+        """
+        pooled = torch.einsum("bn,bnd->bd", pi.to(features.dtype), features)
+        logits = F.linear(self.proj(self.norm(pooled)), readout.to(pooled.dtype)).float()  # (B, V)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        has = answers >= 0
+        picked = log_probs.gather(1, answers.clamp_min(0)) * has
+        return -picked.sum() / has.sum().clamp_min(1)
 
 
 class ProbabilisticAttender(nn.Module):
@@ -164,7 +231,10 @@ class ProbabilisticAttender(nn.Module):
         self.slots = nn.Parameter(torch.randn(config.num_components, dz) * dz**-0.5)
         self.slot_norm = nn.LayerNorm(dz)
         self.slot_attention = MultiHeadAttention(dz, config.num_heads)
-        self.gmm = GMMHead(dz, config.min_sigma)
+        self.gmm = GMMHead(dz, config.min_sigma, config.centers)
+        self.evidence = (
+            EvidenceHead(config.hidden_size, config.evidence_reader) if config.evidence_weight > 0 else None
+        )
 
     def latent(
         self,
@@ -179,7 +249,16 @@ class ProbabilisticAttender(nn.Module):
         queries = self.slot_norm(self.slots).expand(vision.shape[0], -1, -1)
         slots = self.slot_attention(queries, encoded, v_mask)
         lim = self.config.logvar_clamp
-        return Latent(branch.mu(slots), branch.logvar(slots).clamp(-lim, lim))
+        return Latent(branch.mu(slots), branch.logvar(slots).clamp(-lim, lim), encoded)
 
-    def decode(self, z: torch.Tensor) -> Mixture:
-        return self.gmm(z)
+    def decode(
+        self,
+        z: torch.Tensor,
+        latent: Latent | None = None,
+        coords: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        floor: torch.Tensor | float | None = None,
+    ) -> Mixture:
+        """Slots ``z (B, K, Dz)`` of ``latent``'s branch -> mixture (coords/valid: the image tokens')."""
+        tokens = None if latent is None else latent.tokens
+        return self.gmm(z, tokens, coords, valid, floor)

@@ -59,6 +59,30 @@ class VIFConfig:
     normalisation: str = "sum"  # "sum": M / sum M (paper); "softmax": released code
     grid_coords: str = "centers"  # "centers": (i + 0.5) / W; "linspace": linspace(0, 1, W)
 
+    # --- learning where to look (this project's additions; docs/presets.md, departures) --
+    # "linear": centre = sigmoid(W_c z) (paper); "attention": z attends over the encoded image
+    # tokens and the centre is the attention-weighted mean of their coordinates (soft-argmax).
+    centers: str = "linear"
+    # "image": min_sigma in image widths (paper); "token": in tokens of each image's grid.
+    min_sigma_unit: str = "image"
+    # Answer-evidence loss: the map pools per-token image features, a small head reads the answer's
+    # tokens from the pooled vector through the LM's own output embeddings. 0 turns it off (paper).
+    evidence_weight: float = 0.0
+    # Features the map pools for it: "embeddings", the LLM's input at the image tokens (local to each
+    # patch); "extraction", the extraction layer's hidden states (already mixed across patches).
+    evidence_features: str = "embeddings"
+    # What pools the features for it: "map", the rendered Gaussian mixture; "locator", the components'
+    # attention over the image tokens (centers="attention"), which reaches every token, not only those
+    # under the current Gaussians.
+    evidence_pool: str = "map"
+    # How the head reads: "pooled", one prediction from the pooled features (over the vocabulary);
+    # "tokens", every image token predicts the answer alone and the pool mixes their likelihoods.
+    evidence_reader: str = "pooled"
+    detach_input: bool = False  # the attender reads detached hidden states: its losses never reach the LLM
+    # "attender": the map VIF learns; "boxes": a ground-truth map, uniform over the image tokens that
+    # overlap each sample's `evidence_box` (an upper bound for experiments; needs boxes at inference).
+    map_source: str = "attender"
+
     # --- losses (section 7) -------------------------------------------------------
     kl_weight: float = 0.1  # beta
     sparsity_weight: float = 0.1  # gamma
@@ -82,6 +106,12 @@ class VIFConfig:
             "grid_coords": ("centers", "linspace"),
             "volume": ("sigma2", "weighted"),
             "loss_pairs": ("all", "first"),
+            "centers": ("linear", "attention"),
+            "min_sigma_unit": ("image", "token"),
+            "evidence_features": ("embeddings", "extraction"),
+            "map_source": ("attender", "boxes"),
+            "evidence_pool": ("map", "locator"),
+            "evidence_reader": ("pooled", "tokens"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -90,6 +120,11 @@ class VIFConfig:
             raise VIFConfigError(
                 f"extract_layers has {len(self.extract_layers)} entries but inject_layers has "
                 f"{len(self.inject_layers)}: give one extraction layer per injection layer."
+            )
+        if self.evidence_pool == "locator" and self.centers != "attention":
+            raise VIFConfigError(
+                "evidence_pool='locator' pools with the components' attention over the image tokens, which "
+                "only centers='attention' has; set centers='attention' or evidence_pool='map'."
             )
         if not self.extract_layers:
             raise VIFConfigError("VIFConfig needs at least one (extract_layers, inject_layers) pair.")
@@ -124,7 +159,7 @@ class VIFConfig:
             )
         if self.min_sigma <= 0:
             raise VIFConfigError(f"min_sigma must be > 0, got {self.min_sigma}.")
-        for name in ("kl_weight", "sparsity_weight", "entropy_weight", "volume_weight"):
+        for name in ("kl_weight", "sparsity_weight", "entropy_weight", "volume_weight", "evidence_weight"):
             if getattr(self, name) < 0:
                 raise VIFConfigError(f"VIFConfig.{name} must be >= 0, got {getattr(self, name)}.")
 

@@ -27,15 +27,38 @@ class Mixture:
     centers: torch.Tensor
     sigmas: torch.Tensor
     weights: torch.Tensor
+    #: ``(B, K, N)``: with ``centers="attention"``, each component's attention over the image
+    #: tokens whose coordinates it averaged into its centre (None for ``centers="linear"``).
+    locator: torch.Tensor | None = None
 
 
 class GMMHead(nn.Module):
-    """Maps each latent slot ``z_k`` to a 2-D Gaussian (centre, spread, mixture logit)."""
+    """Maps each latent slot ``z_k`` to a 2-D Gaussian (centre, spread, mixture logit).
 
-    def __init__(self, latent_size: int, min_sigma: float = 0.035) -> None:
+    Two ways to place the centres (``VIFConfig.centers``):
+
+    * ``"linear"`` (the paper): ``c_k = sigmoid(W_c z_k)``. The centre must be decoded from
+      the slot's features alone, which cannot localise (docs/demo.md: even trained directly on
+      the target it reached 5 % on target).
+    * ``"attention"`` (this project): ``z_k`` attends over the branch's encoded image tokens and
+      ``c_k`` is the soft-argmax, the attention-weighted mean of the tokens' coordinates. The
+      latent still decides where (it is the query), but "where" is read off the tokens.
+
+    The spread is ``softplus(w_s . z_k) + floor``, ``floor`` given per sample by the caller
+    (``min_sigma`` in image units, or in tokens of each image's grid).
+    """
+
+    def __init__(self, latent_size: int, min_sigma: float = 0.035, centers: str = "linear") -> None:
         super().__init__()
+        if centers not in ("linear", "attention"):
+            raise ValueError(f"centers must be 'linear' or 'attention', got {centers!r}")
         self.min_sigma = min_sigma
-        self.center = nn.Linear(latent_size, 2)
+        self.centers = centers
+        if centers == "linear":
+            self.center = nn.Linear(latent_size, 2)
+        else:
+            self.center_query = nn.Linear(latent_size, latent_size)
+            self.center_key = nn.Linear(latent_size, latent_size)
         self.spread = nn.Linear(latent_size, 1)
         self.logit = nn.Linear(latent_size, 1)
         self.reset_parameters()
@@ -43,18 +66,44 @@ class GMMHead(nn.Module):
     def reset_parameters(self) -> None:
         # The released code's initialisation: centres spread over the image from the
         # start (bias U(-1, 1) before the sigmoid), small initial spreads (bias -2).
-        for layer in (self.center, self.spread, self.logit):
+        for layer in (self.spread, self.logit):
             nn.init.normal_(layer.weight, std=0.01)
-        nn.init.uniform_(self.center.bias, -1.0, 1.0)
         nn.init.constant_(self.spread.bias, -2.0)
         nn.init.zeros_(self.logit.bias)
+        if self.centers == "linear":
+            nn.init.normal_(self.center.weight, std=0.01)
+            nn.init.uniform_(self.center.bias, -1.0, 1.0)
 
-    def forward(self, z: torch.Tensor) -> Mixture:
-        """z: ``(B, K, Dz)`` -> :class:`Mixture`."""
-        centers = torch.sigmoid(self.center(z))
-        sigmas = F.softplus(self.spread(z)).squeeze(-1) + self.min_sigma
+    def forward(
+        self,
+        z: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        floor: torch.Tensor | float | None = None,
+    ) -> Mixture:
+        """z ``(B, K, Dz)`` -> :class:`Mixture`.
+
+        ``centers="attention"`` also needs the encoded image tokens ``tokens (B, N, Dz)``, their
+        coordinates ``coords (B, N, 2)`` and ``valid (B, N)`` bool. ``floor``: the smallest spread,
+        a float or ``(B,)`` (default ``min_sigma``).
+        """
+        if self.centers == "linear":
+            centers, locator = torch.sigmoid(self.center(z)), None
+        else:
+            if tokens is None or coords is None or valid is None:
+                raise ValueError("centers='attention' needs the encoded image tokens, their coords and mask")
+            scale = z.shape[-1] ** -0.5
+            scores = torch.einsum("bkc,bnc->bkn", self.center_query(z), self.center_key(tokens)) * scale
+            scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+            locator = torch.softmax(scores, dim=-1)
+            centers = torch.einsum("bkn,bnd->bkd", locator, coords.float()).to(z.dtype)
+        floor = self.min_sigma if floor is None else floor
+        if isinstance(floor, torch.Tensor):
+            floor = floor.to(z.dtype)[:, None]
+        sigmas = F.softplus(self.spread(z)).squeeze(-1) + floor
         weights = torch.softmax(self.logit(z).squeeze(-1), dim=-1)
-        return Mixture(centers, sigmas, weights)
+        return Mixture(centers, sigmas, weights, locator)
 
 
 def render(

@@ -51,6 +51,7 @@ class VIFOutput:
     vision_mask: ``(B, Nv)`` bool, which entries of ``importance`` are real image tokens.
     kl, sparsity, entropy, volume, mean_sigma: scalars, averaged over pairs (``loss_pairs="all"``)
         or taken from the first pair; ``kl`` is None when no posterior was run.
+    evidence: the answer-evidence loss (``evidence_weight > 0`` and labels given), else None.
     lm_loss: the base model's language-model loss (None without labels).
     mixtures: injection layer -> the decoded :class:`~vif.gmm.Mixture` of the samples with images.
     """
@@ -62,6 +63,7 @@ class VIFOutput:
     entropy: torch.Tensor | None = None
     volume: torch.Tensor | None = None
     mean_sigma: torch.Tensor | None = None
+    evidence: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     mixtures: dict[int, Mixture] = field(default_factory=dict)
     used_posterior: bool = False
@@ -75,6 +77,7 @@ class _PairResult:
     entropy: torch.Tensor
     volume: torch.Tensor
     used_posterior: bool
+    evidence: torch.Tensor | None = None
 
 
 class _Runtime:
@@ -84,6 +87,7 @@ class _Runtime:
         self.config = vmodel.config_vif
         self.backbone = vmodel.backbone
         self.attender = vmodel.vif_module
+        self.base_model = vmodel.base_model
         self.enabled = True
         self.training = False
         self.in_generation = False
@@ -92,6 +96,9 @@ class _Runtime:
         self.results: dict[int, _PairResult] = {}  # by injection layer
         self.question: torch.Tensor | None = None  # (B, L) bool
         self.answer: torch.Tensor | None = None  # (B, L) bool, None without labels
+        self.labels: torch.Tensor | None = None  # (B, L) the forward's labels
+        self.embeddings: torch.Tensor | None = None  # (B, L, D) the LLM's input, for the evidence head
+        self.boxes: torch.Tensor | None = None  # (B, 4) evidence boxes of this call (map_source="boxes")
         self.row_valid: torch.Tensor | None = None  # (B, total_len) bool
         self.reusing = False  # this call continues a sequence whose maps already exist
         self.row_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per call
@@ -144,7 +151,7 @@ class _Runtime:
         vision = self.layout.token_mask(length)
         valid = self.row_valid[:, -length:]
         labels = inputs.get("labels")
-        self.answer = None
+        self.answer, self.labels = None, labels
         if labels is not None:
             self.answer = (labels != IGNORE_INDEX) & valid & ~vision
         self.question = valid & ~vision & (~self.answer if self.answer is not None else True)
@@ -152,6 +159,11 @@ class _Runtime:
             self.maps_frozen = True  # later steps of this generate() reuse the prompt's maps
 
     # ---------------------------------------------------------------- extraction
+    def record_embeddings(self, hidden: torch.Tensor) -> None:
+        """Keeps the LLM's input ``(B, L, D)`` (image features at the image tokens) for the evidence head."""
+        if self.enabled and not self.reusing and self.layout is not None:
+            self.embeddings = hidden.detach()
+
     def extract(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Runs the attender for every pair that extracts at ``layer_idx``; hidden ``(B, L, D)``."""
         if not self.enabled or self.reusing or self.layout is None:
@@ -166,14 +178,21 @@ class _Runtime:
         dtype = next(attender.parameters()).dtype
         has = layout.has_image.nonzero().squeeze(-1)
         zero = hidden.new_zeros((), dtype=torch.float32)
+        empty = Mixture(*(torch.zeros(0, device=hidden.device) for _ in range(3)))
         if has.numel() == 0:
             pi = torch.zeros(batch, n_vis, device=hidden.device)
-            empty = Mixture(*(torch.zeros(0, device=hidden.device) for _ in range(3)))
             return _PairResult(pi, empty, None, zero, zero, False)
+        if config.map_source == "boxes":
+            pi = box_map(layout, self.boxes)
+            return _PairResult(pi, empty, None, entropy(pi[has]).mean(), zero, False)
 
         h = hidden[has].to(dtype)
+        if config.detach_input:
+            h = h.detach()
         vis_pos = layout.positions[has].clamp(max=h.shape[1] - 1)
         v_mask = layout.valid[has]
+        coords = layout.coords[has]
+        floor = self.sigma_floor(has)
         vision = h.gather(1, vis_pos[..., None].expand(-1, -1, h.shape[-1]))
         question = self.question[has]
         text_q, mask_q = gather_tokens(h, question)
@@ -185,13 +204,13 @@ class _Runtime:
             posterior = attender.latent(attender.posterior, vision, text_qa, v_mask, mask_qa)
         use_posterior = self.training and posterior is not None
         if use_posterior:
-            z = posterior.sample()
+            z, branch = posterior.sample(), posterior
         elif self.training or config.sample_at_inference:
-            z = prior.sample()
+            z, branch = prior.sample(), prior
         else:
-            z = prior.mu
-        mixture = attender.decode(z)
-        pi_has = render(mixture, layout.coords[has], v_mask, config.normalisation)
+            z, branch = prior.mu, prior
+        mixture = attender.decode(z, branch, coords, v_mask, floor)
+        pi_has = render(mixture, coords, v_mask, config.normalisation)
         pi = pi_has.new_zeros(batch, n_vis).index_copy(0, has, pi_has)
 
         if config.volume == "sigma2":
@@ -199,7 +218,61 @@ class _Runtime:
         else:
             volume = (mixture.weights.float() * mixture.sigmas.float().pow(2)).sum(-1)
         kl = gaussian_kl(posterior, prior) if posterior is not None else None
-        return _PairResult(pi, mixture, kl, entropy(pi_has).mean(), volume.mean(), use_posterior)
+        evidence = None
+        if attender.evidence is not None and self.answer is not None:
+            mixtures = [mixture]
+            if branch is not prior:  # the prior's own map (the one used at inference) learns too
+                mixtures.append(attender.decode(prior.mu, prior, coords, v_mask, floor))
+            pools = [self.evidence_pool(m, coords, v_mask) for m in mixtures]
+            evidence = torch.stack([self.evidence_loss(p, hidden, has, vis_pos) for p in pools]).mean()
+        return _PairResult(pi, mixture, kl, entropy(pi_has).mean(), volume.mean(), use_posterior, evidence)
+
+    def sigma_floor(self, has: torch.Tensor) -> torch.Tensor | float:
+        """The smallest spread: ``min_sigma`` in image widths, or in tokens of each sample's finest grid."""
+        config = self.config
+        if config.min_sigma_unit == "image":
+            return config.min_sigma
+        sides = [max((max(h, w) for h, w in grids), default=1) for grids in self.layout.grids]
+        side = torch.tensor(sides, dtype=torch.float32, device=has.device)[has]
+        return config.min_sigma / side
+
+    def special_ids(self, device: torch.device) -> torch.Tensor:
+        """The ids of the model's bos / eos / pad tokens (from its config and generation config)."""
+        ids: set[int] = set()
+        model_config = self.base_model.config
+        configs = (model_config, getattr(model_config, "text_config", None))
+        configs += (getattr(self.base_model, "generation_config", None),)
+        for config in configs:
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(config, name, None)
+                ids.update(
+                    v for v in (value if isinstance(value, list | tuple) else [value]) if v is not None
+                )
+        return torch.tensor(sorted(ids), dtype=torch.long, device=device)
+
+    def evidence_pool(self, mixture: Mixture, coords: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(B_img, Nv)`` the weights that pool image features for the evidence head."""
+        if self.config.evidence_pool == "locator":
+            return torch.einsum("bk,bkn->bn", mixture.weights.float(), mixture.locator)
+        return render(mixture, coords, valid, self.config.normalisation)
+
+    def evidence_loss(
+        self, pi: torch.Tensor, hidden: torch.Tensor, has: torch.Tensor, vis_pos: torch.Tensor
+    ) -> torch.Tensor:
+        """The answer-evidence loss of one map ``pi (B_img, Nv)`` (see :class:`~vif.attender.EvidenceHead`)."""
+        source = self.embeddings if self.config.evidence_features == "embeddings" else hidden
+        if source is None:
+            raise BackboneError(
+                "the evidence head found no LLM input embeddings; was decoder layer 0 hooked?"
+            )
+        source = source[has].detach().to(next(self.attender.parameters()).dtype)
+        features = source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
+        # End-of-turn and padding tokens follow every answer whatever the image shows: not evidence.
+        content = self.answer[has] & ~torch.isin(self.labels[has], self.special_ids(source.device))
+        answers, has_answer = gather_tokens(self.labels[has][..., None], content)
+        answers = answers.squeeze(-1).masked_fill(~has_answer, IGNORE_INDEX)
+        readout = self.base_model.get_output_embeddings().weight.detach()
+        return self.attender.evidence(pi, features, readout, answers)
 
     # ---------------------------------------------------------------- injection
     def plan_for(self, layer_idx: int, q_len: int, kv_len: int) -> InjectionPlan | None:
@@ -249,8 +322,38 @@ class _Runtime:
         out.mean_sigma = mean(sigmas) if sigmas else None
         kls = [r.kl for r in used if r.kl is not None]
         out.kl = mean(kls) if kls else None
+        evidence = [r.evidence for r in used if r.evidence is not None]
+        out.evidence = mean(evidence) if evidence else None
         out.used_posterior = any(r.used_posterior for r in ordered)
         return out
+
+
+def box_map(layout: VisionLayout, boxes: torch.Tensor | None) -> torch.Tensor:
+    """``(B, Nv)``: uniform over each sample's image tokens whose patch overlaps its evidence box.
+
+    ``boxes (B, 4)`` are ``[x0, y0, x1, y1]`` in the image's unit square (each image of a sample
+    uses the same box); a row of NaN (no box) gives a flat map over the sample's image tokens.
+    """
+    if boxes is None:
+        raise BackboneError(
+            "map_source='boxes' needs each sample's evidence box: pass vif_boxes=(B, 4) to the forward or "
+            "generate (training and `vif eval` read a record's 'evidence_box')."
+        )
+    device = layout.coords.device
+    half = torch.zeros_like(layout.coords)  # (B, Nv, 2): each token's patch half-size
+    for b, grids in enumerate(layout.grids):
+        sizes = [torch.tensor([0.5 / w, 0.5 / h]).expand(h * w, 2) for h, w in grids]
+        if sizes:
+            cat = torch.cat(sizes).to(device)
+            half[b, : cat.shape[0]] = cat
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    lo, hi = layout.coords - half, layout.coords + half
+    inside = (lo < boxes[:, None, 2:]) & (hi > boxes[:, None, :2])
+    covered = inside.all(-1) & layout.valid
+    no_box = torch.isnan(boxes).any(-1)
+    covered = torch.where(no_box[:, None] | ~covered.any(-1, keepdim=True), layout.valid, covered)
+    weights = covered.float()
+    return weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def gather_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,6 +434,13 @@ class VIFModel(nn.Module):
             return hook
 
         self._handles.append(self.base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        config = self.config_vif
+        if config.evidence_weight > 0 and config.evidence_features == "embeddings":
+
+            def embeddings_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                runtime.record_embeddings(args[0] if args else kwargs["hidden_states"])
+
+            self._handles.append(layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
         for e in sorted(set(self.config_vif.extract_layers)):
             self._handles.append(layers[e].register_forward_hook(make_extract_hook(e)))
         for d in self.config_vif.inject_layers:
@@ -381,6 +491,7 @@ class VIFModel(nn.Module):
         """
         runtime = self._runtime
         runtime.training = self.training
+        runtime.boxes = kwargs.pop("vif_boxes", None)
         out = self.base_model(*args, **kwargs)
         vif = runtime.collect()
         vif.lm_loss = getattr(out, "loss", None)
@@ -391,7 +502,9 @@ class VIFModel(nn.Module):
                 total = total + cfg.kl_weight * vif.kl
             if vif.sparsity is not None:
                 total = total + cfg.sparsity_weight * vif.sparsity
-            if not vif.importance or not runtime.layout.has_image.any():
+            if vif.evidence is not None:
+                total = total + cfg.evidence_weight * vif.evidence
+            if not vif.importance or not runtime.layout.has_image.any() or cfg.map_source == "boxes":
                 # No image in this batch: the attender did not run. Keep every parameter in the
                 # graph so data-parallel gradient reduction still sees all of them.
                 total = total + 0.0 * sum(p.sum() for p in self.vif_module.parameters())
@@ -408,6 +521,7 @@ class VIFModel(nn.Module):
         """
         runtime = self._runtime
         runtime.training = False
+        runtime.boxes = kwargs.pop("vif_boxes", None)
         runtime.in_generation, runtime.maps_frozen = True, False
         try:
             return self.base_model.generate(*args, **kwargs)

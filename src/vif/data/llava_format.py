@@ -359,7 +359,12 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
             image placeholder tokens).
 
     Format errors (unknown speaker, number of ``<image>`` markers != number of images,
-    no assistant turn) raise ``LlavaFormatError`` here, at construction.
+    no assistant turn, a malformed ``evidence_box``) raise ``LlavaFormatError`` here, at construction.
+
+    A record may carry ``"evidence_box": [x0, y0, x1, y1]``, where the answer's evidence lies, as
+    fractions of its image's width and height (x1, y1 exclusive). Items then hold ``evidence_box``
+    (a float tensor ``(4,)``, moved with the image's padding for ``image_aspect="pad"``), which
+    ``VIFConfig.map_source="boxes"`` (the ground-truth-map upper bound) reads.
     """
 
     def __init__(
@@ -382,8 +387,9 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
         self.on_bad_image = on_bad_image
         self.max_length = max_length
 
-        # samples: (id, messages, image paths)
+        # samples: (id, messages, image paths); evidence boxes by sample id
         self.samples: list[tuple[str, list[dict[str, Any]], list[Path]]] = []
+        self.evidence_boxes: dict[str, list[float]] = {}
         self.skipped: list[tuple[str, str, str]] = []
         for index, record in enumerate(read_llava_json(json_path)):
             sample = self._parse(record, index)
@@ -394,6 +400,8 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
                     self.skipped += [(sample_id, str(p), reason) for p, reason in bad]
                     continue
             self.samples.append(sample)
+            if record.get("evidence_box") is not None:
+                self.evidence_boxes[sample[0]] = _check_box(record["evidence_box"], sample[0])
         if self.skipped:
             n = len({sample_id for sample_id, _, _ in self.skipped})
             logger.warning(
@@ -445,10 +453,35 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
             raise LlavaFormatError(
                 f"sample {sample_id!r} has images but {type(self.processor).__name__} cannot process them"
             )
-        images = [prepare_image(load_image(p, sample_id), self.processor, self.image_aspect) for p in paths]
+        originals = [load_image(p, sample_id) for p in paths]
+        images = [prepare_image(image, self.processor, self.image_aspect) for image in originals]
         example = encode_conversation(self.processor, messages, images, self.max_length, sample_id)
         example["id"] = sample_id
+        box = self.evidence_boxes.get(sample_id)
+        if box is not None and originals:
+            if self.image_aspect == "pad":
+                box = box_after_padding(box, originals[0].size)
+            example["evidence_box"] = torch.tensor(box, dtype=torch.float32)
         return example
+
+
+def _check_box(box: Any, sample_id: str) -> list[float]:
+    ok = isinstance(box, list | tuple) and len(box) == 4 and all(isinstance(v, int | float) for v in box)
+    if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise LlavaFormatError(
+            f"sample {sample_id!r}: evidence_box {box!r} must be [x0, y0, x1, y1] fractions of the image "
+            "with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+        )
+    return [float(v) for v in box]
+
+
+def box_after_padding(box: list[float], size: tuple[int, int]) -> list[float]:
+    """A box in fractions of an image of ``size (w, h)`` -> fractions of its :func:`pad_to_square` square."""
+    w, h = size
+    side = max(w, h)
+    left, top = (side - w) // 2, (side - h) // 2
+    x0, y0, x1, y1 = box
+    return [(left + x0 * w) / side, (top + y0 * h) / side, (left + x1 * w) / side, (top + y1 * h) / side]
 
 
 # -----------------------------------------------------------------------------
@@ -465,6 +498,8 @@ class VIFCollator:
     ``(n_images, 3, H, W)``, Qwen ``(sum t*h*w, 1176)`` - and Qwen's ``image_grid_thw
     (n_images, 3)``. Text-only items contribute no images. ``ids`` (list of sample ids)
     only with ``return_ids=True``, since models reject unknown keyword arguments.
+    ``vif_boxes (B, 4)`` (NaN rows for items without one) only with ``return_boxes=True``:
+    the items' ``evidence_box``, for ``VIFConfig.map_source="boxes"``.
     """
 
     def __init__(
@@ -473,6 +508,7 @@ class VIFCollator:
         padding_side: Literal["right", "left"] = "right",
         pad_to_multiple_of: int | None = None,
         return_ids: bool = False,
+        return_boxes: bool = False,
     ) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -483,6 +519,7 @@ class VIFCollator:
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_ids = return_ids
+        self.return_boxes = return_boxes
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         B = len(items)
@@ -516,4 +553,7 @@ class VIFCollator:
             batch["image_grid_thw"] = torch.cat(grids, dim=0)
         if self.return_ids:
             batch["ids"] = [item.get("id") for item in items]
+        if self.return_boxes:
+            nan = torch.full((4,), float("nan"))
+            batch["vif_boxes"] = torch.stack([item.get("evidence_box", nan) for item in items])
         return batch

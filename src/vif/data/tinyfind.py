@@ -51,7 +51,8 @@ Files written by :func:`generate`
 ---------------------------------
 ``out_dir/images/<split>_<i:06d>.png``, ``out_dir/<split>.json`` (a list of LLaVA-format records, ``image``
 relative to ``out_dir``) and ``out_dir/dataset_info.json`` (config, vocabularies, palette and per-answer
-counts). Each record's ``meta`` holds everything needed to verify the answer:
+counts). Each record's ``evidence_box`` is ``meta.bbox_norm`` (read by ``VIFConfig.map_source="boxes"``, the
+ground-truth map). Its ``meta`` holds everything needed to verify the answer:
 
 * ``type``: question type; ``query``: the colour / shape named in the question (``null`` where none);
 * ``targets``: every small object, with ``shape``, ``color``, centre pixel ``x``, ``y`` (always painted in
@@ -515,6 +516,8 @@ def generate(
                         {"from": "human", "value": f"<image>\n{question}"},
                         {"from": "gpt", "value": answer},
                     ],
+                    # where the answer's evidence lies, for VIFConfig.map_source="boxes" (the oracle map)
+                    "evidence_box": meta["bbox_norm"],
                     "meta": meta,
                 }
             )

@@ -25,6 +25,7 @@ def write_benchmark(split_json: Path, out_path: Path) -> Path:
             "question": r["conversations"][0]["value"].replace("<image>", "").strip(),
             "answer": r["conversations"][1]["value"],
             "type": r["meta"]["type"],
+            "evidence_box": r["evidence_box"],
         }
         for r in records
     ]

@@ -99,6 +99,7 @@ def generate_answers(
     images: Sequence[Sequence[Image.Image]],
     max_new_tokens: int = 32,
     image_aspect: str = "pad",
+    **model_kwargs: Any,
 ) -> list[str]:
     """Greedy answers for one batch of conversations, in input order.
 
@@ -109,6 +110,8 @@ def generate_answers(
         images: ``B`` lists of PIL images, one image per ``{"type": "image"}`` item, in order.
         max_new_tokens: generation budget per answer.
         image_aspect: ``"pad" | "resize" | "keep"``, see :func:`prepare_image`.
+        model_kwargs: passed to ``model.generate`` (tensors moved to the model's device), e.g.
+            ``vif_boxes`` for a :class:`vif.VIFModel` with ``map_source="boxes"``.
 
     Returns:
         ``B`` decoded answers (special tokens skipped, surrounding whitespace stripped).
@@ -147,6 +150,7 @@ def generate_answers(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=pad,
+        **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()},
     )
     # Left padding: every row's prompt ends at column L - 1, so new tokens start at L.
     new_tokens = output[:, inputs["input_ids"].shape[1] :]

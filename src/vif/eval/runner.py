@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from ..data.llava_format import load_image
+from ..data.llava_format import box_after_padding, load_image
 from .benchmark import BenchmarkSample, build_question, read_benchmark
 from .generation import IMAGE_ASPECTS, generate_answers, user_message
 from .metrics import aggregate, get_metric
@@ -56,8 +57,11 @@ def predict(
             chunk = samples[start : start + batch_size]
             conversations = [user_message(build_question(s, metric, instruction)) for s in chunk]
             images = [[load_image(s.image_path, s.id)] for s in chunk]
+            extra = {}
+            if _reads_boxes(model):
+                extra["vif_boxes"] = evidence_boxes(chunk, images, image_aspect)
             predictions += generate_answers(
-                model, processor, conversations, images, max_new_tokens, image_aspect=image_aspect
+                model, processor, conversations, images, max_new_tokens, image_aspect=image_aspect, **extra
             )
             bar.update(len(chunk))
     return predictions
@@ -92,6 +96,25 @@ def _rows(
         row.update({key: sample.record[key] for key in REFERENCE_FIELDS if key in sample.record})
         rows.append(row)
     return rows
+
+
+def _reads_boxes(model: Any) -> bool:
+    """A VIF model whose map is the ground truth (``map_source="boxes"``) needs each sample's box."""
+    return _is_vif(model) and model.config_vif.map_source == "boxes"
+
+
+def evidence_boxes(
+    samples: Sequence[BenchmarkSample], images: Sequence[Sequence[Any]], image_aspect: str
+) -> torch.Tensor:
+    """``(B, 4)`` each record's ``evidence_box`` in the prepared image's fractions (NaN rows: none)."""
+    rows = []
+    for sample, sample_images in zip(samples, images, strict=True):
+        box = sample.record.get("evidence_box")
+        if box is None:
+            rows.append([float("nan")] * 4)
+            continue
+        rows.append(box_after_padding(box, sample_images[0].size) if image_aspect == "pad" else list(box))
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _is_vif(model: Any) -> bool:

@@ -198,7 +198,7 @@ def build_trainer(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any
     trainer = VIFTrainer(
         model=parts.top,
         args=args,
-        data_collator=VIFCollator(processor, return_ids=True),
+        data_collator=VIFCollator(processor, return_ids=True, return_boxes=_needs_boxes(parts)),
         train_dataset=dataset,
         processing_class=processor,
         parts=parts,
@@ -208,6 +208,11 @@ def build_trainer(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any
     trainer.recipe = recipe
     trainer.model_path = model_path
     return trainer
+
+
+def _needs_boxes(parts: Any) -> bool:
+    """Whether the model reads the samples' evidence boxes (``map_source="boxes"``)."""
+    return parts.vif is not None and parts.vif.config_vif.map_source == "boxes"
 
 
 def _precision(precision: str) -> tuple[bool, bool]:
