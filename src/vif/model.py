@@ -180,7 +180,12 @@ class _Runtime:
 
         prior = attender.latent(attender.prior, vision, text_q, v_mask, mask_q)
         posterior: Latent | None = None
-        if self.answer is not None and attender.posterior is not None:
+        # The released module treats labels without an answer token anywhere in the batch as
+        # no labels: the prior is sampled and KL = 0.
+        released_no_answer = (
+            config.attender == "released" and self.answer is not None and not self.answer.any()
+        )
+        if self.answer is not None and attender.posterior is not None and not released_no_answer:
             text_qa, mask_qa = gather_tokens(h, question | self.answer[has])
             posterior = attender.latent(attender.posterior, vision, text_qa, v_mask, mask_qa)
         use_posterior = self.training and posterior is not None
@@ -199,6 +204,8 @@ class _Runtime:
         else:
             volume = (mixture.weights.float() * mixture.sigmas.float().pow(2)).sum(-1)
         kl = gaussian_kl(posterior, prior) if posterior is not None else None
+        if released_no_answer:
+            kl = zero
         return _PairResult(pi, mixture, kl, entropy(pi_has).mean(), volume.mean(), use_posterior)
 
     # ---------------------------------------------------------------- injection
@@ -391,8 +398,10 @@ class VIFModel(nn.Module):
                 total = total + cfg.kl_weight * vif.kl
             if vif.sparsity is not None:
                 total = total + cfg.sparsity_weight * vif.sparsity
-            if not vif.importance or not runtime.layout.has_image.any():
-                # No image in this batch: the attender did not run. Keep every parameter in the
+            skipped_posterior = self.vif_module.posterior is not None and not vif.used_posterior
+            if not vif.importance or not runtime.layout.has_image.any() or skipped_posterior:
+                # No image in this batch (the attender did not run), or no answer token under
+                # attender="released" (the posterior did not run). Keep every parameter in the
                 # graph so data-parallel gradient reduction still sees all of them.
                 total = total + 0.0 * sum(p.sum() for p in self.vif_module.parameters())
             out.loss = total

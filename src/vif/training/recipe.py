@@ -62,7 +62,7 @@ from typing import Any
 
 from ..config import VIFConfig, VIFConfigError
 
-PRESETS = ("paper", "compact")
+PRESETS = ("paper", "released", "compact")
 MODES = ("full", "lora", "vif-only")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
