@@ -50,7 +50,8 @@ class VIFOutput:
         tokens in sequence order (zeros past a sample's own count, and for text-only samples).
     vision_mask: ``(B, Nv)`` bool, which entries of ``importance`` are real image tokens.
     kl, sparsity, entropy, volume, mean_sigma: scalars, averaged over pairs (``loss_pairs="all"``)
-        or taken from the first pair; ``kl`` is None when no posterior was run.
+        or taken from the first pair; ``kl`` is None when no posterior was run (0 under
+        ``attender="released"`` when labels hold no answer token, as the released code reports).
     lm_loss: the base model's language-model loss (None without labels).
     mixtures: injection layer -> the decoded :class:`~vif.gmm.Mixture` of the samples with images.
     """
