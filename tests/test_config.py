@@ -34,6 +34,8 @@ def llava_7b_config() -> LlavaConfig:
         (dict(min_sigma=0.0), "min_sigma"),
         (dict(kl_weight=-1.0), "kl_weight"),
         (dict(num_components=0), "num_components"),
+        (dict(attender="authors"), r"attender='authors' is not one of \('vif', 'released'\)"),
+        (dict(init="xavier"), r"init='xavier' is not one of \('vif', 'released'\)"),
     ],
 )
 def test_validation_errors(kwargs, message):
@@ -48,10 +50,22 @@ def test_layer_range_is_checked_against_the_backbone():
 
 
 def test_json_round_trip(tmp_path):
-    config = vif.VIFConfig(alpha=0.3, normalisation="softmax", extract_layers=[1, 2], inject_layers=[4, 6])
+    config = vif.VIFConfig(
+        alpha=0.3,
+        normalisation="softmax",
+        extract_layers=[1, 2],
+        inject_layers=[4, 6],
+        attender="released",
+        init="released",
+    )
     assert vif.VIFConfig.from_json(config.to_json()) == config
     config.save(tmp_path)
     assert vif.VIFConfig.load(tmp_path) == config
+    assert (vif.VIFConfig.load(tmp_path).attender, vif.VIFConfig.load(tmp_path).init) == (
+        "released",
+        "released",
+    )
+    assert (vif.VIFConfig().attender, vif.VIFConfig().init) == ("vif", "vif")  # ours stays the default
     with pytest.raises(vif.VIFConfigError, match="unknown VIFConfig fields"):
         vif.VIFConfig.from_dict({"alhpa": 0.5})
     with pytest.raises(vif.VIFConfigError, match="unknown preset"):
@@ -107,3 +121,19 @@ def test_compact_preset_is_much_smaller():
         compact = sum(p.numel() for p in ProbabilisticAttender(config).parameters())
     assert config.latent_size == 1024 and config.num_encoder_layers == 2
     assert 100e6 < compact < 160e6
+
+
+def test_paper_and_released_presets():
+    """`paper`: the released module and training; `released`: also the released map and decoding."""
+    paper = vif.VIFConfig.preset("paper", llava_7b_config())
+    released = vif.VIFConfig.preset("released", llava_7b_config())
+    compact = vif.VIFConfig.preset("compact", llava_7b_config())
+    assert (paper.attender, paper.init, paper.loss_pairs) == ("released", "released", "first")
+    assert (paper.normalisation, paper.grid_coords, paper.inject_decode, paper.sample_at_inference) == (
+        "sum",
+        "centers",
+        True,
+        False,
+    )
+    assert released == vif.VIFConfig.from_dict({**paper.to_dict(), **vif.config.RELEASED_BEHAVIOUR})
+    assert (compact.attender, compact.init, compact.loss_pairs) == ("vif", "vif", "all")

@@ -71,7 +71,9 @@ def write_jsonl(path, records):
 def make_adapter(model_dir, adapter_dir, seed=0):
     """A saved VIF adapter with non-trivial random weights (a fresh one barely changes the output)."""
     model, _ = load_model(model_dir, device="cpu", dtype="float32")
-    vmodel = vif.attach(model, vif.VIFConfig.preset("paper", model))
+    # Our attender: its LayerNorms keep these large random weights from saturating every
+    # spread (with attender="released" this seed gives flat maps that change no answer).
+    vmodel = vif.attach(model, vif.VIFConfig.preset("paper", model, attender="vif"))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in vmodel.vif_module.parameters():
@@ -272,7 +274,8 @@ def test_evaluate_api_single_runs_and_no_output(llava, llava_vif):
     with pytest.raises(ValueError, match="needs a VIFModel"):
         evaluate(base_model, processor, llava["bench"], "vqa", compare=True)
     with pytest.raises(
-        ValueError, match="unknown metric 'bleu'; known metrics: exact_match, multiple_choice"
+        ValueError,
+        match="unknown metric 'bleu'; known metrics: exact_match, lmms_gqa, lmms_mme, lmms_textvqa, multiple_choice",
     ):
         evaluate(vmodel, processor, llava["bench"], "bleu")
 
@@ -430,7 +433,7 @@ def test_cli_errors_before_loading_the_model(folder, capsys):
     missing_model = str(folder / "no-model-here")  # never loaded: the errors come first
     assert vif_main(["eval", "--model", missing_model, "--benchmark", str(bench), "--metric", "bleu"]) == 2
     assert (
-        "unknown metric 'bleu'; known metrics: exact_match, multiple_choice, refcoco, vqa, yes_no"
+        "unknown metric 'bleu'; known metrics: exact_match, lmms_gqa, lmms_mme, lmms_textvqa, multiple_choice, refcoco, vqa, yes_no"
         in capsys.readouterr().err
     )
     assert vif_main(["eval", "--model", missing_model, "--benchmark", str(bench), "--metric", "vqa"]) == 2

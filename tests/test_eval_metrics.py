@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from vif.eval.metrics import (
+    CONTRACTIONS,
     METRICS,
     aggregate,
     box_iou,
     exact_match,
     get_metric,
+    lmms_gqa_match,
     mme_scores,
     multiple_choice_accuracy,
+    normalize_textvqa_lmms,
     normalize_vqa,
     parse_box,
     parse_choice,
     parse_yes_no,
+    parse_yes_no_lmms,
     refcoco_accuracy,
     vqa_soft_accuracy,
     xywh_to_xyxy,
@@ -76,6 +83,33 @@ from vif.eval.metrics import (
 )
 def test_normalize_vqa(raw: str, expected: str) -> None:
     assert normalize_vqa(raw) == expected
+
+
+@pytest.mark.parametrize(("word", "expected"), sorted(CONTRACTIONS.items()))
+def test_official_contraction_table(word: str, expected: str) -> None:
+    # The official table's capitalised keys ("Im", "Ive", ...) never match the lower-cased
+    # words, so those words come out lower-cased and unmapped, as in the official scorer.
+    assert normalize_vqa(word) == (expected if word == word.lower() else word.lower())
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("oclock", "o'clock"),  # official entries ours lacked
+        ("hed", "he'd"),
+        ("whatll", "what'll"),
+        ("Im", "im"),  # entries ours had that the official table does not map
+        ("ive", "ive"),
+        ("heres", "heres"),
+        ("shes", "shes"),
+        ("1,,000", "1000"),  # the digit-comma rule is \d,+\d
+        ("1,,000 dogs, 3 cats", "1000 dogs 3 cats"),
+        ("yes" + "." * 40, "yes" + "." * 8),  # the official script drops at most 32 periods
+    ],
+)
+def test_normalize_vqa_official_rules(raw: str, expected: str) -> None:
+    assert normalize_vqa(raw) == expected
+    assert len(CONTRACTIONS) == 120
 
 
 def test_normalize_vqa_is_idempotent() -> None:
@@ -171,6 +205,14 @@ OPTIONS = ["cat", "dog", "bird", "dark red"]
         ("It is dark red.", 3),  # "red" is not an option; "dark red" is
         ("the answer is a cat", 0),  # lower-case article "a" is not option A
         ("A cat.", 0),  # leading "A" without delimiter is text, not a letter
+        ("**B**", 1),  # markdown bold
+        ("**B. dog**", 1),
+        ("The answer is **C**.", 2),
+        ("I choose B", 1),
+        ("I'd pick (c) here", 2),
+        ("B is correct.", 1),
+        ("(d) is the right answer", 3),
+        ("Option A is correct", 0),  # cue and verdict agree
     ],
 )
 def test_parse_choice_parses(prediction: str, expected: int) -> None:
@@ -189,6 +231,8 @@ def test_parse_choice_parses(prediction: str, expected: int) -> None:
         "A or B",
         "(A) or (C)",  # two bracketed letters
         "Answers: horse",  # "answers" is not the cue "answer"; no option mentioned
+        "I choose B. No, D is correct.",  # conflicting cued letters
+        "I choose a cat and a dog",  # lower-case article after a cue is no letter
     ],
 )
 def test_parse_choice_unparseable_or_ambiguous(prediction: str) -> None:
@@ -270,6 +314,26 @@ MME_RECORDS = [
     _mme_record("n2.jpg", "count", "I cannot tell", "Yes"),
     _mme_record("n2.jpg", "count", "No", "No"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("Yes", "yes"),
+        ("no.", "no"),
+        ("Y", "yes"),
+        ("n", "no"),
+        ("Nope", "no"),  # "no" in the first four characters
+        ("Not sure", "no"),
+        ("Yes or no", "yes"),
+        ("**Yes**", None),  # "**ye": neither word in the first four characters
+        ("There is no dog.", None),
+        ("x", None),
+        ("", None),
+    ],
+)
+def test_parse_yes_no_lmms(prediction: str, expected: str | None) -> None:
+    assert parse_yes_no_lmms(prediction) == expected
 
 
 def test_mme_scores_accuracy_plus_requires_both() -> None:
@@ -399,6 +463,16 @@ def test_refcoco_accuracy_thresholds() -> None:
     assert refcoco_accuracy("no box", gt) == 0.0
 
 
+def test_refcoco_auto_reads_near_unit_boxes_as_normalised() -> None:
+    # A normalised box overshooting the bottom edge is clipped, even with an image size.
+    assert parse_box("[0.25, 0.17, 0.75, 1.02]", image_size=(640, 480)) == pytest.approx(
+        (0.25, 0.17, 0.75, 1.0)
+    )
+    assert refcoco_accuracy("[0.25, 0.17, 0.75, 1.02]", (0.25, 0.2, 0.75, 1.0), image_size=(640, 480)) == 1.0
+    # Larger values are pixels with an image size, as before.
+    assert parse_box("[64, 48, 320, 240]", image_size=(640, 480)) == pytest.approx((0.1, 0.1, 0.5, 0.5))
+
+
 def test_refcoco_accuracy_pixel_gt_and_formats() -> None:
     size = (200, 100)
     gt_xywh = (50, 25, 100, 50)
@@ -421,10 +495,32 @@ def test_refcoco_accuracy_pixel_gt_and_formats() -> None:
 
 
 def test_registry_names() -> None:
-    assert set(METRICS) == {"exact_match", "vqa", "multiple_choice", "yes_no", "refcoco"}
+    ours = {"exact_match", "vqa", "multiple_choice", "yes_no", "refcoco"}
+    assert set(METRICS) == ours | {"lmms_gqa", "lmms_mme", "lmms_textvqa"}
     assert get_metric("vqa") is METRICS["vqa"]
-    with pytest.raises(ValueError, match="known metrics: exact_match, multiple_choice, refcoco, vqa, yes_no"):
+    with pytest.raises(
+        ValueError, match="known metrics: exact_match, lmms_gqa, lmms_mme, lmms_textvqa, multiple"
+    ):
         get_metric("bleu")
+
+
+def test_lmms_eval_rules_where_ours_differ() -> None:
+    # GQA: lmms-eval deletes punctuation and case only; ours also drops articles and maps numbers.
+    assert exact_match("The table.", "table") == 1.0 and lmms_gqa_match("The table.", "table") == 0.0
+    assert exact_match("two", "2") == 1.0 and lmms_gqa_match("two", "2") == 0.0
+    assert lmms_gqa_match("T-Shirt", "tshirt") == 1.0 and exact_match("T-Shirt", "tshirt") == 0.0
+    assert METRICS["lmms_gqa"]("Yes.", {"answer": "yes"}) == {"accuracy": 1.0}
+    # TextVQA: lmms-eval's tokenisation splits "'s" and deletes commas and question marks.
+    assert normalize_textvqa_lmms("Joe's Diner?") == "joe 's diner"
+    assert normalize_vqa("Joe's Diner?") == "joe's diner"
+    answers = ["joe's"] * 3 + ["other"] * 7
+    assert METRICS["lmms_textvqa"]("Joe's", {"answer": answers}) == {"accuracy": pytest.approx(0.9)}
+    # MME: "Nope" is no for lmms-eval, unparsed for ours.
+    assert METRICS["lmms_mme"]("Nope", {"answer": "no"}) == {"accuracy": 1.0, "unparsed": 0.0}
+    assert METRICS["yes_no"]("Nope", {"answer": "no"}) == {"accuracy": 0.0, "unparsed": 1.0}
+    records = [{k: v for k, v in r.items() if k != "prediction"} for r in MME_RECORDS]
+    scores = [METRICS["lmms_mme"](r["prediction"], rec) for r, rec in zip(MME_RECORDS, records)]
+    assert aggregate("lmms_mme", scores, records)["mme"] == mme_scores(MME_RECORDS, parse=parse_yes_no_lmms)
 
 
 def test_scorers_on_records() -> None:
@@ -521,3 +617,71 @@ def test_aggregate_multiple_choice_unparsed_fraction() -> None:
     scores = [METRICS["multiple_choice"](p, r) for p, r in zip(predictions, records)]
     summary = aggregate("multiple_choice", scores, records)
     assert summary == {"num_samples": 4, "accuracy": 0.5, "unparsed": 0.25}
+
+
+# -------------------------------------------------------------------------------------
+# Cross-check with lmms-eval 0.7.3's own scorer files (read by path: importing the
+# lmms_eval package takes seconds); skipped where lmms-eval is not installed.
+# -------------------------------------------------------------------------------------
+
+CORPUS = [
+    *CONTRACTIONS,
+    *(word.capitalize() for word in CONTRACTIONS),
+    "1,,000",
+    "1,000 dogs, 3 cats",
+    "t-shirt",
+    "yes" + "." * 40,
+    "Joe's Diner?",
+    "U.S.A.",
+    "what's up, doc?",
+    "3.5.",
+    "the man's 2 dogs",
+    "  a  cat\n",
+    "it's 12:30",
+    "@home",
+    "co-op, inc.",
+    "None of the above",
+    "I'm",
+]
+
+
+def lmms_eval_file(relative: str):
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("lmms-eval is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    module_spec = importlib.util.spec_from_file_location(f"lmms_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_vqa_rules_equal_lmms_evals() -> None:
+    processor = lmms_eval_file("tasks/_task_utils/vqa_eval_metric.py").EvalAIAnswerProcessor()
+    assert processor.CONTRACTIONS == CONTRACTIONS
+    for text in CORPUS:
+        # lmms-eval's vqav2 scorer: whitespace, then punctuation and digits / articles.
+        vqav2 = processor.process_digit_article(
+            processor.process_punctuation(text.replace("\n", " ").strip())
+        )
+        assert normalize_vqa(text) == vqav2, text
+        assert normalize_textvqa_lmms(text) == processor(text), text  # its textvqa scorer
+
+
+def test_mme_reading_equals_lmms_evals() -> None:
+    parse = lmms_eval_file("tasks/mme/utils.py").parse_pred_ans
+    for text in [
+        "Yes",
+        "no.",
+        "Y",
+        "n",
+        "Nope",
+        "Not sure",
+        "Yes or no",
+        "**Yes**",
+        "There is no dog.",
+        "x",
+        "",
+    ]:
+        theirs = parse(text)
+        assert parse_yes_no_lmms(text) == (None if theirs == "other" else theirs), text

@@ -4,6 +4,7 @@ import vif
 vmodel = vif.attach(model, vif.VIFConfig.preset("paper", model))
 """
 
+from . import convert  # noqa: F401  (vif.convert.from_authors after `import vif`)
 from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbone, register_backbone
 from .config import VIFConfig, VIFConfigError
 from .diagnostics import diagnose

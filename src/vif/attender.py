@@ -64,8 +64,10 @@ class FeedForward(nn.Module):
 class EncoderBlock(nn.Module):
     """One two-stream block: self-attention in each stream, cross-attention both ways, FFNs.
 
-    Pre-LayerNorm with residuals everywhere; in a cross-attention both the querying
-    stream and the attended stream are normalised.
+    Pre-LayerNorm with residuals everywhere. In a cross-attention the querying stream is
+    normalised; with ``context_norm=True`` (ours) so is the attended stream, with
+    ``False`` (``attender="released"``) it is attended as the raw residual stream, as in
+    the released module (no weight setting turns one into the other).
 
     Only the vision stream leaves the encoder (the slots read it), so in the *last*
     block the text stream's tail (text-queries-vision and the text FFN) could never
@@ -74,16 +76,22 @@ class EncoderBlock(nn.Module):
     about 0.4 B dead parameters from the paper preset (docs/presets.md).
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn: int, last: bool = False) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, ffn: int, last: bool = False, context_norm: bool = True
+    ) -> None:
         super().__init__()
         self.last = last
+
+        def context() -> nn.Module:  # the norm on a cross-attention's attended stream
+            return nn.LayerNorm(dim) if context_norm else nn.Identity()
+
         self.norm_v_self, self.attn_v_self = nn.LayerNorm(dim), MultiHeadAttention(dim, num_heads)
         self.norm_t_self, self.attn_t_self = nn.LayerNorm(dim), MultiHeadAttention(dim, num_heads)
-        self.norm_v_cross, self.norm_t_ctx = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_v_cross, self.norm_t_ctx = nn.LayerNorm(dim), context()
         self.attn_v_to_t = MultiHeadAttention(dim, num_heads)
         self.norm_v_ffn, self.ffn_v = nn.LayerNorm(dim), FeedForward(dim, ffn)
         if not last:
-            self.norm_t_cross, self.norm_v_ctx = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.norm_t_cross, self.norm_v_ctx = nn.LayerNorm(dim), context()
             self.attn_t_to_v = MultiHeadAttention(dim, num_heads)
             self.norm_t_ffn, self.ffn_t = nn.LayerNorm(dim), FeedForward(dim, ffn)
 
@@ -111,9 +119,10 @@ class Branch(nn.Module):
         d, dz = config.hidden_size, config.latent_size
         self.vision_in = nn.Linear(d, dz)
         self.text_in = nn.Linear(d, dz)
-        n = config.num_encoder_layers
+        n, context_norm = config.num_encoder_layers, config.attender == "vif"
         self.blocks = nn.ModuleList(
-            EncoderBlock(dz, config.num_heads, config.ffn_size, last=i == n - 1) for i in range(n)
+            EncoderBlock(dz, config.num_heads, config.ffn_size, last=i == n - 1, context_norm=context_norm)
+            for i in range(n)
         )
         self.vision_norm = nn.LayerNorm(dz)
         self.mu = nn.Linear(dz, dz)
@@ -229,12 +238,15 @@ class ProbabilisticAttender(nn.Module):
         self.prior = Branch(config)
         self.posterior = Branch(config) if config.use_posterior else None
         self.slots = nn.Parameter(torch.randn(config.num_components, dz) * dz**-0.5)
-        self.slot_norm = nn.LayerNorm(dz)
+        # The released module uses its slot queries as they are.
+        self.slot_norm = nn.LayerNorm(dz) if config.attender == "vif" else nn.Identity()
         self.slot_attention = MultiHeadAttention(dz, config.num_heads)
         self.gmm = GMMHead(dz, config.min_sigma, config.centers)
         self.evidence = (
             EvidenceHead(config.hidden_size, config.evidence_reader) if config.evidence_weight > 0 else None
         )
+        if config.init == "released":
+            init_released_(self)
 
     def latent(
         self,
@@ -262,3 +274,35 @@ class ProbabilisticAttender(nn.Module):
         """Slots ``z (B, K, Dz)`` of ``latent``'s branch -> mixture (coords/valid: the image tokens')."""
         tokens = None if latent is None else latent.tokens
         return self.gmm(z, tokens, coords, valid, floor)
+
+
+def init_released_(attender: ProbabilisticAttender) -> None:
+    """Re-initialises ``attender`` as the released run started (``VIFConfig.init="released"``).
+
+    The released module is built by transformers' ``from_pretrained``, whose weight
+    initialisation re-draws every ``nn.Linear`` (the attentions' output projections, the
+    FFNs, the mu / logvar heads and the GMM head, whose own initialisation therefore never
+    takes effect) from N(0, 0.02) with a zero bias. Its attentions are
+    ``nn.MultiheadAttention``, whose q, k and v form one ``(3C, C)`` ``in_proj_weight``
+    that is not an ``nn.Linear``: it keeps PyTorch's ``xavier_uniform_`` over the stacked
+    matrix and a zero ``in_proj_bias``. Slot queries: N(0, 1). LayerNorms: weight 1, bias 0.
+    """
+    for module in attender.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in attender.modules():
+        if isinstance(module, MultiHeadAttention):
+            projections = (module.q_proj, module.k_proj, module.v_proj)
+            stacked = torch.empty(
+                3 * module.q_proj.out_features, module.q_proj.in_features, device=module.q_proj.weight.device
+            )
+            nn.init.xavier_uniform_(stacked)
+            with torch.no_grad():
+                for projection, weight in zip(projections, stacked.chunk(3)):
+                    projection.weight.copy_(weight)
+                    projection.bias.zero_()
+    nn.init.normal_(attender.slots)

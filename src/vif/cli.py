@@ -12,6 +12,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vif.training.cli", "train VIF (full or LoRA) from a YAML/JSON recipe"),
     "eval": ("vif.eval.cli", "evaluate a model (optionally + VIF adapter) on a local benchmark file"),
     "diagnose": ("vif.diagnostics.cli", "per-layer visual attention ratio, entropy, violins and heatmaps"),
+    "convert-authors": (
+        "vif.convert",
+        "convert a checkpoint of the authors' released code into a vif adapter",
+    ),
 }
 
 

@@ -50,7 +50,8 @@ class VIFOutput:
         tokens in sequence order (zeros past a sample's own count, and for text-only samples).
     vision_mask: ``(B, Nv)`` bool, which entries of ``importance`` are real image tokens.
     kl, sparsity, entropy, volume, mean_sigma: scalars, averaged over pairs (``loss_pairs="all"``)
-        or taken from the first pair; ``kl`` is None when no posterior was run.
+        or taken from the first pair; ``kl`` is None when no posterior was run (0 under
+        ``attender="released"`` when labels hold no answer token, as the released code reports).
     evidence: the answer-evidence loss (``evidence_weight > 0`` and labels given), else None.
     lm_loss: the base model's language-model loss (None without labels).
     mixtures: injection layer -> the decoded :class:`~vif.gmm.Mixture` of the samples with images.
@@ -199,7 +200,12 @@ class _Runtime:
 
         prior = attender.latent(attender.prior, vision, text_q, v_mask, mask_q)
         posterior: Latent | None = None
-        if self.answer is not None and attender.posterior is not None:
+        # The released module treats labels without an answer token anywhere in the batch as
+        # no labels: the prior is sampled and KL = 0.
+        released_no_answer = (
+            config.attender == "released" and self.answer is not None and not self.answer.any()
+        )
+        if self.answer is not None and attender.posterior is not None and not released_no_answer:
             text_qa, mask_qa = gather_tokens(h, question | self.answer[has])
             posterior = attender.latent(attender.posterior, vision, text_qa, v_mask, mask_qa)
         use_posterior = self.training and posterior is not None
@@ -218,6 +224,8 @@ class _Runtime:
         else:
             volume = (mixture.weights.float() * mixture.sigmas.float().pow(2)).sum(-1)
         kl = gaussian_kl(posterior, prior) if posterior is not None else None
+        if released_no_answer:
+            kl = zero
         evidence = None
         if attender.evidence is not None and self.answer is not None:
             mixtures = [mixture]
@@ -504,8 +512,11 @@ class VIFModel(nn.Module):
                 total = total + cfg.sparsity_weight * vif.sparsity
             if vif.evidence is not None:
                 total = total + cfg.evidence_weight * vif.evidence
-            if not vif.importance or not runtime.layout.has_image.any() or cfg.map_source == "boxes":
-                # No image in this batch: the attender did not run. Keep every parameter in the
+            skipped_posterior = self.vif_module.posterior is not None and not vif.used_posterior
+            boxes = cfg.map_source == "boxes"
+            if not vif.importance or not runtime.layout.has_image.any() or skipped_posterior or boxes:
+                # No image in this batch (the attender did not run), no answer token under
+                # attender="released" (the posterior did not run), or a ground-truth map. Keep every parameter in the
                 # graph so data-parallel gradient reduction still sees all of them.
                 total = total + 0.0 * sum(p.sum() for p in self.vif_module.parameters())
             out.loss = total

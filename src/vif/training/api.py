@@ -63,7 +63,7 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
             full reference in :mod:`vif.training.recipe` and docs/training.md)::
 
                 model                       base model folder / hub id (required)
-                vif                         "paper" | "compact" | {preset, <VIFConfig field>: ...} | null  ["paper"]
+                vif                         "paper" | "released" | "compact" | {preset, <VIFConfig field>: ...} | null  ["paper"]
                 init_adapter                a saved VIF module to continue from  [null]
                 attn_implementation         sdpa | eager  [sdpa]
                 data.json                   LLaVA-format JSON / JSONL (required)

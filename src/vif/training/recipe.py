@@ -5,7 +5,7 @@ in a second with a message that names the key and lists the valid ones, instead 
 hour into a job. Schema (every key but ``model`` and ``data.json`` has a default)::
 
     model: path/to/llava-1.5-7b-hf        # a save_pretrained folder (model + processor) or hub id
-    vif: paper                            # preset name ("paper" | "compact"), or a mapping
+    vif: paper                            # preset name ("paper" | "released" | "compact"), or a mapping
                                           # {preset: compact, <any VIFConfig field>: value, ...},
                                           # or null: train WITHOUT VIF (the control arm)
     init_adapter: null                    # start from a saved VIF module (VIFModel.save_pretrained dir)
@@ -62,7 +62,7 @@ from typing import Any
 
 from ..config import VIFConfig, VIFConfigError
 
-PRESETS = ("paper", "compact")
+PRESETS = ("paper", "released", "compact")
 MODES = ("full", "lora", "vif-only")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
