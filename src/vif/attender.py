@@ -118,6 +118,8 @@ class Branch(nn.Module):
         super().__init__()
         d, dz = config.hidden_size, config.latent_size
         self.vision_in = nn.Linear(d, dz)
+        # The LLM's input at the image tokens, local to each patch (VIFConfig.vision_features).
+        self.embeddings_in = nn.Linear(d, dz) if config.vision_features == "extraction+embeddings" else None
         self.text_in = nn.Linear(d, dz)
         n, context_norm = config.num_encoder_layers, config.attender == "vif"
         self.blocks = nn.ModuleList(
@@ -129,10 +131,23 @@ class Branch(nn.Module):
         self.logvar = nn.Linear(dz, dz)
 
     def encode(
-        self, vision: torch.Tensor, text: torch.Tensor, v_mask: torch.Tensor, t_mask: torch.Tensor
+        self,
+        vision: torch.Tensor,
+        text: torch.Tensor,
+        v_mask: torch.Tensor,
+        t_mask: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """vision ``(B, Nv, D)``, text ``(B, Nt, D)`` -> encoded vision ``(B, Nv, Dz)``."""
+        """vision ``(B, Nv, D)``, text ``(B, Nt, D)`` -> encoded vision ``(B, Nv, Dz)``.
+
+        ``embeddings (B, Nv, D)``: the LLM's input at the image tokens, added to the vision stream
+        when the branch was built with ``vision_features="extraction+embeddings"``.
+        """
         v, t = self.vision_in(vision), self.text_in(text)
+        if self.embeddings_in is not None:
+            if embeddings is None:
+                raise ValueError("vision_features='extraction+embeddings' needs the LLM input embeddings")
+            v = v + self.embeddings_in(embeddings)
         for block in self.blocks:
             v, t = block(v, t, v_mask, t_mask)
         return self.vision_norm(v)
@@ -181,14 +196,30 @@ class EvidenceHead(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(
-        self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
+        self,
+        pi: torch.Tensor,
+        features: torch.Tensor,
+        readout: torch.Tensor,
+        answers: torch.Tensor,
+        valid: torch.Tensor,
     ) -> torch.Tensor:
+        """Mean cross-entropy of the answer tokens -> scalar.
+
+        pi ``(B, Nv)`` the pooling weights (0 on padding), features ``(B, Nv, D)`` per image token,
+        readout ``(V, D)`` the LM's output embeddings, answers ``(B, A)`` token ids, -100 where
+        there is none (samples without answer tokens contribute nothing), valid ``(B, Nv)`` bool.
+        """
         if self.reader == "tokens":
-            return self.token_reader(pi, features, readout, answers)
+            return self.token_reader(pi, features, readout, answers, valid)
         return self.pooled_reader(pi, features, readout, answers)
 
     def token_reader(
-        self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
+        self,
+        pi: torch.Tensor,
+        features: torch.Tensor,
+        readout: torch.Tensor,
+        answers: torch.Tensor,
+        valid: torch.Tensor,
     ) -> torch.Tensor:
         """Each image token reads the answer on its own; ``pi`` mixes their likelihoods.
 
@@ -205,17 +236,17 @@ class EvidenceHead(nn.Module):
         picked = log_p.gather(2, index[:, None, :].expand(-1, log_p.shape[1], -1))  # (B, N, A)
         log_pi = pi.float().clamp_min(torch.finfo(torch.float32).tiny).log()
         mixed = torch.logsumexp(picked + log_pi[..., None], dim=1)  # (B, A)
-        return -(mixed * has).sum() / has.sum().clamp_min(1)
+        # The reader also learns from a flat pool over the image's tokens, which does not depend on
+        # the map: otherwise map and reader lock onto the first answers they learn, and the reader
+        # never learns to read the tokens the map does not point at yet.
+        log_flat = torch.where(valid, -valid.sum(-1, keepdim=True).float().log(), float("-inf"))
+        flat = torch.logsumexp(picked + log_flat[..., None], dim=1)  # (B, A)
+        return -((mixed + flat) * has).sum() / has.sum().clamp_min(1)
 
     def pooled_reader(
         self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
     ) -> torch.Tensor:
-        """Mean cross-entropy of the answer tokens -> scalar.
-
-        pi ``(B, Nv)`` the map (0 on padding), features ``(B, Nv, D)`` per image token,
-        readout ``(V, D)`` the LM's output embeddings, answers ``(B, A)`` token ids, -100 where
-        there is none (samples without answer tokens contribute nothing).
-        """
+        """One prediction over the vocabulary from the ``pi``-pooled features."""
         pooled = torch.einsum("bn,bnd->bd", pi.to(features.dtype), features)
         logits = F.linear(self.proj(self.norm(pooled)), readout.to(pooled.dtype)).float()  # (B, V)
         log_probs = torch.log_softmax(logits, dim=-1)
@@ -255,9 +286,10 @@ class ProbabilisticAttender(nn.Module):
         text: torch.Tensor,
         v_mask: torch.Tensor,
         t_mask: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
     ) -> Latent:
         """One branch from hidden states to the slot Gaussians ``(B, K, Dz)``."""
-        encoded = branch.encode(vision, text, v_mask, t_mask)
+        encoded = branch.encode(vision, text, v_mask, t_mask, embeddings)
         queries = self.slot_norm(self.slots).expand(vision.shape[0], -1, -1)
         slots = self.slot_attention(queries, encoded, v_mask)
         lim = self.config.logvar_clamp

@@ -94,6 +94,9 @@ class VIFConfig:
     # How the head reads: "pooled", one prediction from the pooled features (over the vocabulary);
     # "tokens", every image token predicts the answer alone and the pool mixes their likelihoods.
     evidence_reader: str = "pooled"
+    # What the attender's vision stream reads: "extraction", layer e's hidden states at the image tokens
+    # (paper); "extraction+embeddings", plus the LLM's input there (per-patch features, not yet mixed).
+    vision_features: str = "extraction"
     detach_input: bool = False  # the attender reads detached hidden states: its losses never reach the LLM
     # "attender": the map VIF learns; "boxes": a ground-truth map, uniform over the image tokens that
     # overlap each sample's `evidence_box` (an upper bound for experiments; needs boxes at inference).
@@ -130,6 +133,7 @@ class VIFConfig:
             "map_source": ("attender", "boxes"),
             "evidence_pool": ("map", "locator"),
             "evidence_reader": ("pooled", "tokens"),
+            "vision_features": ("extraction", "extraction+embeddings"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

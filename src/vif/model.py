@@ -195,10 +195,13 @@ class _Runtime:
         coords = layout.coords[has]
         floor = self.sigma_floor(has)
         vision = h.gather(1, vis_pos[..., None].expand(-1, -1, h.shape[-1]))
+        embedded = None
+        if config.vision_features == "extraction+embeddings":
+            embedded = self.image_embeddings(has, vis_pos)
         question = self.question[has]
         text_q, mask_q = gather_tokens(h, question)
 
-        prior = attender.latent(attender.prior, vision, text_q, v_mask, mask_q)
+        prior = attender.latent(attender.prior, vision, text_q, v_mask, mask_q, embedded)
         posterior: Latent | None = None
         # The released module treats labels without an answer token anywhere in the batch as
         # no labels: the prior is sampled and KL = 0.
@@ -207,7 +210,7 @@ class _Runtime:
         )
         if self.answer is not None and attender.posterior is not None and not released_no_answer:
             text_qa, mask_qa = gather_tokens(h, question | self.answer[has])
-            posterior = attender.latent(attender.posterior, vision, text_qa, v_mask, mask_qa)
+            posterior = attender.latent(attender.posterior, vision, text_qa, v_mask, mask_qa, embedded)
         use_posterior = self.training and posterior is not None
         if use_posterior:
             z, branch = posterior.sample(), posterior
@@ -264,6 +267,13 @@ class _Runtime:
             return torch.einsum("bk,bkn->bn", mixture.weights.float(), mixture.locator)
         return render(mixture, coords, valid, self.config.normalisation)
 
+    def image_embeddings(self, has: torch.Tensor, vis_pos: torch.Tensor) -> torch.Tensor:
+        """``(B_img, Nv, D)`` the LLM's input at the image tokens (detached), in the attender's dtype."""
+        if self.embeddings is None:
+            raise BackboneError("VIF found no LLM input embeddings; was decoder layer 0 hooked?")
+        source = self.embeddings[has].to(next(self.attender.parameters()).dtype)
+        return source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
+
     def evidence_loss(
         self, pi: torch.Tensor, hidden: torch.Tensor, has: torch.Tensor, vis_pos: torch.Tensor
     ) -> torch.Tensor:
@@ -280,7 +290,7 @@ class _Runtime:
         answers, has_answer = gather_tokens(self.labels[has][..., None], content)
         answers = answers.squeeze(-1).masked_fill(~has_answer, IGNORE_INDEX)
         readout = self.base_model.get_output_embeddings().weight.detach()
-        return self.attender.evidence(pi, features, readout, answers)
+        return self.attender.evidence(pi, features, readout, answers, self.layout.valid[has])
 
     # ---------------------------------------------------------------- injection
     def plan_for(self, layer_idx: int, q_len: int, kv_len: int) -> InjectionPlan | None:
@@ -443,7 +453,8 @@ class VIFModel(nn.Module):
 
         self._handles.append(self.base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         config = self.config_vif
-        if config.evidence_weight > 0 and config.evidence_features == "embeddings":
+        evidence_reads = config.evidence_weight > 0 and config.evidence_features == "embeddings"
+        if evidence_reads or config.vision_features == "extraction+embeddings":
 
             def embeddings_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
                 runtime.record_embeddings(args[0] if args else kwargs["hidden_states"])
