@@ -353,7 +353,7 @@ def test_errors_name_the_fix(llava, tmp_path):
         diagnose(model, data, tmp_path, layers=[8], processor=processor, progress=False)
     with pytest.raises(ValueError, match="needs the base model"):
         compare(None, llava["adapter"], data, tmp_path, processor=processor, progress=False)
-    with pytest.raises(vif.VIFLoadError, match="does not exist"):  # before any sample is run
+    with pytest.raises(vif.VIFLoadError, match="holds no vif_config.json"):  # before any sample is run
         compare(model, tmp_path, data, tmp_path, processor=processor, progress=False)
     assert not getattr(model, "_vif_attached", False)
     from vif.cli import main
