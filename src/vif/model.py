@@ -453,8 +453,8 @@ class VIFModel(nn.Module):
         self._base_attn = base_attn
         self._handles: list[Any] = []
         self._runtime = _Runtime(self)
+        self._bind_forward_signature()  # reads the base model only
         self._install()
-        self._bind_forward_signature()
         self.train(base_model.training)  # a fresh nn.Module starts in training mode; follow the model
 
     # ---------------------------------------------------------------- wiring
