@@ -54,13 +54,13 @@ def in_doc(name: str, line: str) -> bool:
 
 
 def test_the_commands_are_the_docs():
-    for name, line in TRAIN + USE + [RELOAD]:
-        assert in_doc(name, line), f"{name} no longer has: {line}"
     # The wrong paths of issue 14 are gone: an adapter is the run's vif/ folder.
     for name in ("README.md", "docs/training.md", "docs/eval.md", "docs/diagnostics.md"):
         text = doc_text(name)
         assert not re.search(r"--(adapter|compare) runs/vif(?!/vif)\b", text), name
         assert 'adapter="runs/vif"' not in text and "runs/vif-llava/adapter" not in text, name
+    for name, line in TRAIN + USE + [RELOAD]:
+        assert in_doc(name, line), f"{name} no longer has: {line}"
 
 
 def the_recipe() -> dict:
@@ -149,6 +149,11 @@ def test_the_docs_commands_in_order(user_folder, capsys):
     )
     # What training printed is what the docs' next commands use.
     assert paths == {"model": "runs/vif", "adapter": "runs/vif/vif"}, printed
+    # The path the docs used to give (the run's folder, not its adapter) is refused in one line
+    # that names the right one.
+    old = "vif eval --model runs/vif --adapter runs/vif --benchmark bench.jsonl --metric vqa --output-dir x"
+    assert main(shlex.split(old)[1:]) == 2
+    assert "its VIF adapter is 'runs/vif/vif'" in capsys.readouterr().err
     for _, line in USE:
         run(line)
     for folder in ("eval-out", "eval-out/base", "eval-out/vif", "eval-out/bench"):

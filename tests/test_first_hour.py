@@ -169,10 +169,8 @@ def test_2_check_finds_every_mistake_before_weights_load(world, tmp_path, capsys
         ({"data": {"json": str(world["data"]), "image_folder": str(corrupt)}}, r"cannot be read, e.g. sample 'green'.*green.png"),
     ]  # fmt: skip
     if not torch.cuda.is_available():
-        from vif.training.preflight import _cpu_has_bf16
-
         cases.append(({"precision": "fp16"}, "precision: fp16 needs a CUDA GPU"))
-        if not _cpu_has_bf16():
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # no native bf16 on this CPU
             cases.append(
                 ({"precision": "bf16"}, "precision: bf16 needs a CUDA GPU or a CPU with native bfloat16")
             )
@@ -244,25 +242,65 @@ def test_3_outputs_never_overwrite_what_a_user_made(world, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# 4 + 8 + 9. Resume, vif train's output, and the recipe's TrainingArguments pass-through
+# 4. Resume cannot go wrong silently
 
 
-def test_4_8_9_resume_json_output_and_training_arguments(world, tmp_path, capfd, caplog):
+def test_4_resume_skips_incomplete_checkpoints_and_refuses_a_changed_recipe(world, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     data = tmp_path / "data.json"
     shutil.copy(world["data"], data)
+    r = recipe(world, out, data={"json": str(data), "image_folder": str(world["root"])})
+    path = write(tmp_path / "r.yaml", r)
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    # A kill while checkpoint-2 was written: it is skipped with a warning, checkpoint-1 resumes.
+    # Logging, saving, reporting and the run's name are not part of the recipe's fingerprint.
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    bookkeeping = {**r, "logging_steps": 5, "save_steps": 7, "report_to": "none", "save_total_limit": 3}
+    with caplog.at_level(logging.WARNING, logger="vif.training.rundir"):
+        assert main(["train", str(write(tmp_path / "r2.yaml", bookkeeping)), "--resume"]) == 0
+    assert "skipping" in caplog.text and "checkpoint-2" in caplog.text and "incomplete" in caplog.text
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    capsys.readouterr()
+    # A changed recipe (learning rate, alpha, seed, data) is refused, naming the key.
+    for change, key in [
+        ({"optimizer": {"lr": 5e-4}}, "optimizer.lr"),
+        ({"vif": {**VIF, "alpha": 0.3}}, "vif.alpha"),
+        ({"seed": 1}, "seed"),
+        ({"data": {**r["data"], "json": str(tmp_path / "shuffled.json")}}, "data.json"),
+    ]:
+        (tmp_path / "shuffled.json").write_text(json.dumps(json.loads(world["data"].read_text())[::-1]))
+        line = one_error(
+            capsys, main(["train", str(write(tmp_path / "c.yaml", {**r, **change})), "--resume"])
+        )
+        assert f"differs from the one {out} was started with ({key}:" in line and "--force" in line, line
+    data.write_text(json.dumps(json.loads(world["data"].read_text())[::-1]))  # same path, other content
+    assert "(data.json.sha256: " in one_error(capsys, main(["train", str(path), "--resume"]))
+    data.write_text(world["data"].read_text())
+    # A changed VIF size cannot resume, even forced: a clear error instead of a state-dict dump.
+    bigger = {**r, "vif": {**VIF, "latent_size": 64}}
+    line = one_error(capsys, main(["train", str(write(tmp_path / "d.yaml", bigger)), "--resume", "--force"]))
+    assert "saved with another VIF config than this recipe builds" in line
+
+
+# -----------------------------------------------------------------------------
+# 9 (+ 8). The recipe passes TrainingArguments through; vif train's output
+
+
+def test_9_training_arguments_pass_through_and_train_output(world, tmp_path, capfd):
+    out = tmp_path / "run"
     eval_json = tmp_path / "eval.json"
-    eval_json.write_text(json.dumps(json.loads(data.read_text())[:2]))
+    eval_json.write_text(json.dumps(json.loads(world["data"].read_text())[:2]))
     r = recipe(
         world,
         out,
-        data={"json": str(data), "image_folder": str(world["root"]), "eval_json": str(eval_json),
-              "eval_image_folder": str(world["root"])},
+        data={"json": str(world["data"]), "eval_json": str(eval_json), "eval_image_folder": str(world["root"])},
         optim="adafactor", run_name="first-hour", warmup_steps=1, report_to=[], eval_steps=1,
     )  # fmt: skip
     path = write(tmp_path / "r.yaml", r)
-    # 9: TrainingArguments fields pass through and are validated by transformers.
-    from vif.training.api import check
+    assert main(["train", str(path), "--check"]) == 0
+    assert json.loads(capfd.readouterr().out)["optim"] == "adafactor"
+    from vif.training import check
 
     args = check(path).training_args
     assert (args.optim, args.run_name, args.warmup_steps, args.report_to) == (
@@ -272,6 +310,10 @@ def test_4_8_9_resume_json_output_and_training_arguments(world, tmp_path, capfd,
         [],
     )
     assert args.eval_strategy == "steps" and args.prediction_loss_only
+    # Validated by transformers itself, before weights load.
+    bad = write(tmp_path / "bad.yaml", {**r, "model": str(world["broken"]), "eval_strategy": "sometimes"})
+    line = one_error(capfd, main(["train", str(bad), "--check"]))
+    assert "TrainingArguments refused the recipe: sometimes is not a valid IntervalStrategy" in line
     # 8: with --json, stdout is one JSON object; the Trainer's logs went to stderr.
     assert main(["train", str(path), "--json", "--no-progress"]) == 0
     captured = capfd.readouterr()
@@ -281,33 +323,6 @@ def test_4_8_9_resume_json_output_and_training_arguments(world, tmp_path, capfd,
     assert "%|" not in captured.err  # --no-progress: no bars (training or loading)
     state = json.loads((out / "trainer_state.json").read_text())
     assert any("eval_loss" in entry for entry in state["log_history"])  # the eval set was used
-
-    # 4: a kill while checkpoint-2 was written: it is skipped with a warning, checkpoint-1 resumes.
-    # Logging, saving, reporting and the run's name are not part of the recipe's fingerprint.
-    (out / "checkpoint-2" / "trainer_state.json").unlink()
-    bookkeeping = {**r, "logging_steps": 5, "save_steps": 7, "run_name": "again", "report_to": "none"}
-    with caplog.at_level(logging.WARNING, logger="vif.training.rundir"):
-        assert main(["train", str(write(tmp_path / "r2.yaml", bookkeeping)), "--resume", "--json"]) == 0
-    assert "skipping" in caplog.text and "checkpoint-2" in caplog.text and "incomplete" in caplog.text
-    assert json.loads(capfd.readouterr().out)["global_step"] == 2
-    # A changed recipe (learning rate, alpha, seed, the data's content) is refused, naming the key.
-    for change, key in [
-        ({"optimizer": {"lr": 5e-4}}, "optimizer.lr"),
-        ({"vif": {**VIF, "alpha": 0.3}}, "vif.alpha"),
-        ({"seed": 1}, "seed"),
-        ({"data": {**r["data"], "json": str(tmp_path / "shuffled.json")}}, "data.json"),
-    ]:
-        (tmp_path / "shuffled.json").write_text(json.dumps(json.loads(world["data"].read_text())[::-1]))
-        line = one_error(capfd, main(["train", str(write(tmp_path / "c.yaml", {**r, **change})), "--resume"]))
-        assert f"differs from the one {out} was started with ({key}:" in line and "--force" in line, line
-    data.write_text(json.dumps(json.loads(world["data"].read_text())[::-1]))  # same path, other content
-    line = one_error(capfd, main(["train", str(path), "--resume"]))
-    assert "(data.json.sha256: " in line
-    data.write_text(world["data"].read_text())
-    # A changed VIF size cannot resume, even forced: a clear error instead of a state-dict dump.
-    bigger = {**r, "vif": {**VIF, "latent_size": 64}}
-    line = one_error(capfd, main(["train", str(write(tmp_path / "d.yaml", bigger)), "--resume", "--force"]))
-    assert "saved with another VIF config than this recipe builds" in line
 
 
 # -----------------------------------------------------------------------------
