@@ -107,5 +107,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: {result.model_path}", file=out)
         if result.vif_adapter is not None:
             print(f"adapter: {result.vif_adapter}", file=out)
-        print(f"steps: {result.global_step}; loss: {result.metrics.get('loss', float('nan')):.4f}", file=out)
+        loss = result.metrics.get("loss", result.metrics.get("train_loss"))
+        print(f"steps: {result.global_step}" + ("" if loss is None else f"; loss: {loss:.4f}"), file=out)
     return 0
