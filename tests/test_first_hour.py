@@ -487,6 +487,14 @@ def test_7_offloaded_base_model(world, tmp_path):
         a, b = offloaded(**batch), reference(**batch)
     assert torch.allclose(a.logits, b.logits, atol=1e-6)
     assert torch.allclose(a.vif.importance[3], b.vif.importance[3], atol=1e-7)
+    # Generation (vif eval's code) puts the inputs where the model computes, not on "meta".
+    from vif.eval.generation import generate_answers, user_message
+
+    images = [[Image.open(world["root"] / "red.png")], [Image.open(world["root"] / "blue.png")]]
+    questions = [user_message("what color is the square")] * 2
+    assert generate_answers(offloaded, processor, questions, images, 4) == generate_answers(
+        reference, processor, questions, images, 4
+    )
 
 
 # -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbon
 from .config import CONFIG_NAME, VIFConfig, VIFConfigError
 from .gmm import Mixture, entropy, render
 from .injection import BASE_BACKENDS, PLAN_ATTRIBUTE, InjectionPlan, register_attention_functions, vif_name
+from .placement import execution_device, input_device
 
 IGNORE_INDEX = -100
 
@@ -379,19 +380,6 @@ def gather_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return tokens, mask.gather(1, index)
 
 
-def _execution_device(module: nn.Module) -> torch.device | None:
-    """Where ``module`` computes: accelerate's execution device for a dispatched or offloaded module
-    (its weights may sit on ``meta`` / disk), else the device of its first real parameter."""
-    hook = getattr(module, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device)
-    for param in module.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return None
-
-
 def _floating_dtype(model: nn.Module) -> torch.dtype:
     for param in model.parameters():
         if param.is_floating_point():
@@ -446,7 +434,7 @@ class VIFModel(nn.Module):
         # The attender reads the hidden states of the first extraction layer: it lives where that
         # layer computes (with accelerate's device_map / offload, that is not "the first parameter").
         layers = self.backbone.decoder_layers()
-        device = _execution_device(layers[min(config.extract_layers)]) or torch.device("cpu")
+        device = execution_device(layers[min(config.extract_layers)]) or torch.device("cpu")
         self.vif_module = ProbabilisticAttender(config).to(
             device=device, dtype=dtype or _floating_dtype(base_model)
         )
@@ -562,8 +550,7 @@ class VIFModel(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where inputs go: the execution device of the input embeddings (accelerate-aware)."""
-        embeddings = self.base_model.get_input_embeddings()
-        return _execution_device(embeddings) or _execution_device(self.base_model) or torch.device("cpu")
+        return input_device(self.base_model)
 
     @property
     def vif_device(self) -> torch.device:
