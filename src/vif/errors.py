@@ -22,6 +22,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from .adapter_io import VIFLoadError
     from .backbones.base import BackboneError
     from .config import VIFConfigError
+    from .convert import ConversionError
     from .data.llava_format import BadImageError, LlavaFormatError
     from .eval.benchmark import BenchmarkError
     from .loading import ModelLoadError
@@ -39,4 +40,5 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         ModelLoadError,
         TrainingDataError,
         RecipeError,
+        ConversionError,
     )

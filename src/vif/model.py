@@ -511,10 +511,14 @@ class VIFModel(nn.Module):
         impl = VIFModel.forward
         function = types.FunctionType(impl.__code__, impl.__globals__, impl.__name__, impl.__defaults__)
         function.__doc__, function.__qualname__ = impl.__doc__, impl.__qualname__
+        params = list(base_signature.parameters.values())
+        # VIF's own keyword (evidence boxes for map_source="boxes"), before any **kwargs.
+        boxes = inspect.Parameter("vif_boxes", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        if "vif_boxes" not in base_signature.parameters:
+            params.insert(at, boxes)
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        function.__signature__ = base_signature.replace(
-            parameters=[self_param, *base_signature.parameters.values()]
-        )
+        function.__signature__ = base_signature.replace(parameters=[self_param, *params])
         self.__dict__["forward"] = types.MethodType(function, self)
 
     def detach(self) -> nn.Module:
