@@ -249,7 +249,9 @@ def test_unknown_model_is_refused():
     llm = LlamaForCausalLM(
         LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
     )
-    with pytest.raises(vif.BackboneError, match="does not know the model type 'llama'"):
+    with pytest.raises(
+        vif.BackboneError, match="LlamaForCausalLM .*'llama'.* is not a vision-language model"
+    ):
         vif.attach(llm, vif.VIFConfig(hidden_size=32, extract_layers=[0], inject_layers=[1]))
 
 

@@ -130,7 +130,7 @@ def test_shipped_recipes_validate():
         assert r.optimizer.lr == 2e-5 and r.optimizer.weight_decay == 0.0
         assert r.schedule.scheduler == "cosine" and r.schedule.warmup_ratio == 0.03 and r.schedule.epochs == 1
         assert r.data.max_length == 2048 and r.data.image_aspect == "pad" and r.activation_checkpointing
-        assert r.vif == "paper" and r.precision == "auto"
+        assert r.vif == "paper" and r.precision == "bf16"
     full, lora = (
         load_recipe(files[0 if "lora" not in files[0].name else 1]),
         load_recipe(REPO / "recipes/llava-1.5-7b-vif-lora.yaml"),
@@ -149,7 +149,11 @@ def test_recipe_errors():
     ok = {"model": "m", "data": {"json": "d.json"}}
     assert load_recipe(ok).vif == "paper"
     with pytest.raises(
-        RecipeError, match=r"unknown recipe key\(s\) \['learning_rate'\].*valid keys.*'optimizer'"
+        RecipeError, match=r"unknown recipe key\(s\) \['lerning_rate'\].*valid keys.*'optimizer'"
+    ):
+        load_recipe({**ok, "lerning_rate": 1e-5})
+    with pytest.raises(
+        RecipeError, match=r"'learning_rate' is a TrainingArguments field.*use 'optimizer.lr'"
     ):
         load_recipe({**ok, "learning_rate": 1e-5})
     with pytest.raises(RecipeError, match=r"\['schedule.warmup'\].*'warmup_ratio'"):
@@ -180,16 +184,19 @@ def test_cli_train_and_resume(setup, tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe(setup, tmp_path / "out", save_steps=1)))
     assert main(["train", str(path), "--check", "--set", "optimizer.lr=5e-4"]) == 0
     assert json.loads(capsys.readouterr().out)["optimizer"]["lr"] == 5e-4
-    with pytest.raises(RecipeError, match="holds no checkpoint"):
-        main(["train", str(path), "--resume"])
-    assert main(["train", str(path), "--set", "schedule.max_steps=1"]) == 0
-    assert '"global_step": 1' in capsys.readouterr().out
+    assert main(["train", str(path), "--resume"]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+    assert main(["train", str(path), "--set", "schedule.max_steps=1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 1
     assert (tmp_path / "out" / "checkpoint-1").is_dir()
-    assert main(["train", str(path), "--set", "schedule.max_steps=2", "--resume"]) == 0
+    # More steps change the learning-rate schedule: not the same run, so resuming needs --force.
+    assert main(["train", str(path), "--set", "schedule.max_steps=2", "--resume"]) == 2
+    assert "schedule.max_steps: 1 -> 2" in capsys.readouterr().err
+    assert main(["train", str(path), "--set", "schedule.max_steps=2", "--resume", "--force"]) == 0
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
-    with pytest.raises(RecipeError, match=r"--set 'nonsense': expected KEY=VALUE"):
-        main(["train", str(path), "--set", "nonsense"])
+    assert main(["train", str(path), "--set", "nonsense"]) == 2
+    assert "--set 'nonsense': expected KEY=VALUE" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------

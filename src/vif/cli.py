@@ -1,4 +1,9 @@
-"""The ``vif`` command line. Each subcommand lives in its own module and is imported on use."""
+"""The ``vif`` command line. Each subcommand lives in its own module and is imported on use.
+
+A user's mistake (a bad path, option, recipe or data file; see :mod:`vif.errors`) is
+printed as one line, ``error: <message>``, with exit status 2; ``--debug`` shows the
+traceback instead. Other exceptions are bugs and keep their traceback.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +24,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _version() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return f"vif {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser = argparse.ArgumentParser(
         prog="vif", description="Variational Information Flow for multimodal LLMs."
     )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # --debug is accepted after the subcommand too (`vif train r.yaml --debug`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
@@ -33,9 +52,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             continue  # not part of this installation
         modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    from .errors import user_error_types
+
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except user_error_types() as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ hooked modules of *this* model only.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +30,15 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers.cache_utils import StaticCache
 
+from .adapter_io import WEIGHTS_NAME, VIFLoadError, inspect_adapter, resolve_adapter
 from .attender import Latent, ProbabilisticAttender, gaussian_kl
 from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbone
 from .config import CONFIG_NAME, VIFConfig, VIFConfigError
 from .gmm import Mixture, entropy, render
 from .injection import BASE_BACKENDS, PLAN_ATTRIBUTE, InjectionPlan, register_attention_functions, vif_name
+from .placement import execution_device, input_device
 
-WEIGHTS_NAME = "vif_module.safetensors"
 IGNORE_INDEX = -100
-
-
-class VIFLoadError(ValueError):
-    """A saved VIF module that does not fit the model it is loaded onto."""
 
 
 @dataclass
@@ -391,8 +390,23 @@ def gather_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return tokens, mask.gather(1, index)
 
 
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
 class VIFModel(nn.Module):
-    """A vision-language model with VIF attached. Build it with :func:`vif.attach`."""
+    """A vision-language model with VIF attached. Build it with :func:`vif.attach`.
+
+    It stands in for the base model wherever that is used: attributes it does not have itself
+    come from the base model (``generation_config``, ``dtype``, ``name_or_path``,
+    ``get_input_embeddings()``, ``num_parameters()``, ``hf_device_map``, ``can_generate()``, ...,
+    as PEFT's ``PeftModel`` does), and its ``forward`` has the base forward's signature (the
+    Trainer's ``remove_unused_columns`` reads it). ``pipeline(...)``, a plain ``Trainer`` and
+    activation checkpointing work on it as on the base model.
+    """
 
     def __init__(self, base_model: nn.Module, config: VIFConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -400,6 +414,8 @@ class VIFModel(nn.Module):
             raise VIFConfigError(
                 "this model already has VIF attached; detach() it first or attach to a fresh copy."
             )
+        _require_vision_language_model(base_model)
+        # Everything up to _install() only reads the base model: a failure leaves it untouched.
         self.backbone: BackboneAdapter = get_backbone(base_model)
         text_config = self.backbone.text_config()
         hidden, depth = int(text_config.hidden_size), int(text_config.num_hidden_layers)
@@ -425,50 +441,65 @@ class VIFModel(nn.Module):
 
         self.base_model = base_model
         self.config_vif = config
-        param = next(base_model.parameters())
-        self.vif_module = ProbabilisticAttender(config).to(device=param.device, dtype=dtype or param.dtype)
+        # The attender reads the hidden states of the first extraction layer: it lives where that
+        # layer computes (with accelerate's device_map / offload, that is not "the first parameter").
+        layers = self.backbone.decoder_layers()
+        device = execution_device(layers[min(config.extract_layers)]) or torch.device("cpu")
+        self.vif_module = ProbabilisticAttender(config).to(
+            device=device, dtype=dtype or _floating_dtype(base_model)
+        )
         self._base_attn = base_attn
         self._handles: list[Any] = []
         self._runtime = _Runtime(self)
+        self._bind_forward_signature()  # reads the base model only
         self._install()
         self.train(base_model.training)  # a fresh nn.Module starts in training mode; follow the model
 
     # ---------------------------------------------------------------- wiring
     def _install(self) -> None:
-        register_attention_functions()
-        layers = self.backbone.decoder_layers()
-        runtime = self._runtime
+        """Adds the hooks, the plan attributes and the VIF attention backend; all or nothing."""
+        try:
+            register_attention_functions()
+            layers = self.backbone.decoder_layers()
+            runtime = self._runtime
+            attender = self.vif_module
 
-        def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs = dict(kwargs)
-            if args:
-                inputs.setdefault("input_ids", args[0])
-            runtime.begin(inputs)
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                inputs = dict(kwargs)
+                if args:
+                    inputs.setdefault("input_ids", args[0])
+                runtime.begin(inputs)
 
-        def make_extract_hook(layer_idx: int):
-            def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-                runtime.extract(layer_idx, output[0] if isinstance(output, tuple) else output)
+            def make_extract_hook(layer_idx: int):
+                def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    # A no-op unless the model is split over devices (accelerate's device_map).
+                    runtime.extract(layer_idx, hidden.to(next(attender.parameters()).device))
 
-            return hook
+                return hook
 
-        self._handles.append(self.base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        config = self.config_vif
-        evidence_reads = config.evidence_weight > 0 and config.evidence_features == "embeddings"
-        if evidence_reads or config.vision_features == "extraction+embeddings":
+            self.base_model._vif_attached = True
+            self._handles.append(self.base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            config = self.config_vif
+            evidence_reads = config.evidence_weight > 0 and config.evidence_features == "embeddings"
+            if evidence_reads or config.vision_features == "extraction+embeddings":
 
-            def embeddings_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                runtime.record_embeddings(args[0] if args else kwargs["hidden_states"])
+                def embeddings_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    runtime.record_embeddings(hidden.to(next(attender.parameters()).device))
 
-            self._handles.append(layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
-        for e in sorted(set(self.config_vif.extract_layers)):
-            self._handles.append(layers[e].register_forward_hook(make_extract_hook(e)))
-        for d in self.config_vif.inject_layers:
-            setattr(self.backbone.attention_module(layers[d]), PLAN_ATTRIBUTE, runtime)
-        self.base_model.set_attn_implementation({"text_config": vif_name(self._base_attn)})
-        self.base_model._vif_attached = True
+                self._handles.append(layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
+            for e in sorted(set(self.config_vif.extract_layers)):
+                self._handles.append(layers[e].register_forward_hook(make_extract_hook(e)))
+            for d in self.config_vif.inject_layers:
+                setattr(self.backbone.attention_module(layers[d]), PLAN_ATTRIBUTE, runtime)
+            self.base_model.set_attn_implementation({"text_config": vif_name(self._base_attn)})
+        except BaseException:
+            self._uninstall()
+            raise
 
-    def detach(self) -> nn.Module:
-        """Removes every hook and attribute VIF added; returns the untouched base model."""
+    def _uninstall(self) -> None:
+        """Removes whatever :meth:`_install` added (also a partial install); safe to call twice."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -476,9 +507,35 @@ class VIFModel(nn.Module):
             module = self.backbone.attention_module(layer)
             if hasattr(module, PLAN_ATTRIBUTE):
                 delattr(module, PLAN_ATTRIBUTE)
-        self.base_model.set_attn_implementation({"text_config": self._base_attn})
-        self.base_model._vif_attached = False
-        del self.base_model._vif_attached
+        if (self.backbone.text_config()._attn_implementation or "eager") != self._base_attn:
+            self.base_model.set_attn_implementation({"text_config": self._base_attn})
+        if "_vif_attached" in vars(self.base_model):
+            del self.base_model._vif_attached
+
+    def _bind_forward_signature(self) -> None:
+        # `forward(*args, **kwargs)` hides the base forward's parameters from code that reads them
+        # (the Trainer's remove_unused_columns, its loss-kwargs check). This instance gets its own
+        # copy of VIFModel.forward whose signature is the base model's; the code is the same.
+        try:
+            base_signature = inspect.signature(self.base_model.forward)
+        except (TypeError, ValueError):
+            return
+        impl = VIFModel.forward
+        function = types.FunctionType(impl.__code__, impl.__globals__, impl.__name__, impl.__defaults__)
+        function.__doc__, function.__qualname__ = impl.__doc__, impl.__qualname__
+        params = list(base_signature.parameters.values())
+        # VIF's own keyword (evidence boxes for map_source="boxes"), before any **kwargs.
+        boxes = inspect.Parameter("vif_boxes", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        if "vif_boxes" not in base_signature.parameters:
+            params.insert(at, boxes)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        function.__signature__ = base_signature.replace(parameters=[self_param, *params])
+        self.__dict__["forward"] = types.MethodType(function, self)
+
+    def detach(self) -> nn.Module:
+        """Removes every hook and attribute VIF added; returns the untouched base model."""
+        self._uninstall()
         return self.base_model
 
     @contextlib.contextmanager
@@ -491,7 +548,16 @@ class VIFModel(nn.Module):
         finally:
             self._runtime.enabled = previous
 
-    # ---------------------------------------------------------------- running
+    # ---------------------------------------------------------------- a drop-in for the base model
+    def __getattr__(self, name: str) -> Any:
+        """Attributes VIFModel lacks come from the base model (as in PEFT's ``PeftModel``)."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of this module
+        except AttributeError:
+            if name == "base_model" or "base_model" not in self._modules:
+                raise  # during __init__, before the base model is set
+            return getattr(self._modules["base_model"], name)
+
     @property
     def config(self) -> Any:
         """The base model's transformers config (the VIF config is :attr:`config_vif`)."""
@@ -499,8 +565,39 @@ class VIFModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.base_model.parameters()).device
+        """Where inputs go: the execution device of the input embeddings (accelerate-aware)."""
+        return input_device(self.base_model)
 
+    @property
+    def vif_device(self) -> torch.device:
+        """Where the VIF module lives and computes."""
+        return next(self.vif_module.parameters()).device
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """The base model's activation checkpointing, always non-reentrant.
+
+        The map computed in an extraction layer reaches the checkpointed injection layers as a
+        closure, which only non-reentrant checkpointing differentiates; reentrant checkpointing
+        would silently give the VIF module no gradient from the injection, so it is refused.
+        """
+        options = dict(activation_checkpointing_kwargs or {})
+        if options.get("use_reentrant", False):
+            raise VIFConfigError(
+                "use_reentrant=True checkpointing loses the VIF module's gradients (its map reaches the "
+                "injection layers as a closure); leave use_reentrant unset or False."
+            )
+        options["use_reentrant"] = False
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """transformers' older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    # ---------------------------------------------------------------- running
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward; returns its output with ``out.vif`` (:class:`VIFOutput`).
 
@@ -518,18 +615,18 @@ class VIFModel(nn.Module):
             cfg = self.config_vif
             total = vif.lm_loss
             if vif.kl is not None:
-                total = total + cfg.kl_weight * vif.kl
+                total = total + cfg.kl_weight * vif.kl.to(total.device)
             if vif.sparsity is not None:
-                total = total + cfg.sparsity_weight * vif.sparsity
+                total = total + cfg.sparsity_weight * vif.sparsity.to(total.device)
             if vif.evidence is not None:
-                total = total + cfg.evidence_weight * vif.evidence
+                total = total + cfg.evidence_weight * vif.evidence.to(total.device)
             skipped_posterior = self.vif_module.posterior is not None and not vif.used_posterior
             boxes = cfg.map_source == "boxes"
             if not vif.importance or not runtime.layout.has_image.any() or skipped_posterior or boxes:
                 # No image in this batch (the attender did not run), no answer token under
                 # attender="released" (the posterior did not run), or a ground-truth map. Keep every parameter in the
                 # graph so data-parallel gradient reduction still sees all of them.
-                total = total + 0.0 * sum(p.sum() for p in self.vif_module.parameters())
+                total = total + 0.0 * sum(p.sum() for p in self.vif_module.parameters()).to(total.device)
             out.loss = total
         out.vif = vif
         return out
@@ -560,66 +657,124 @@ class VIFModel(nn.Module):
             "num_hidden_layers": int(text_config.num_hidden_layers),
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Writes ``vif_config.json`` and ``vif_module.safetensors`` (the VIF module only)."""
-        directory = Path(directory)
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **hub_kwargs: Any,
+    ) -> Path:
+        """Writes ``vif_config.json`` and ``vif_module.safetensors`` (the VIF module only).
+
+        Takes transformers' ``save_pretrained`` keywords: ``is_main_process`` (False: write nothing,
+        for multi-process scripts), ``state_dict`` (e.g. gathered by accelerate / DeepSpeed: the
+        VIF module's entries, with or without the ``vif_module.`` prefix, are saved; the rest is
+        ignored), ``safe_serialization`` (the module is always safetensors; False is refused) and
+        ``max_shard_size`` (accepted; the module is written as one file). ``push_to_hub`` is not
+        implemented: upload the folder with ``huggingface_hub.upload_folder``.
+        """
+        if not safe_serialization:
+            raise ValueError(
+                "VIF modules are only saved as safetensors (never pickled); drop safe_serialization=False."
+            )
+        if push_to_hub or hub_kwargs:
+            unknown = sorted(hub_kwargs)
+            raise TypeError(
+                "VIFModel.save_pretrained does not push to the hub"
+                + (f" and takes no arguments {unknown}" if unknown else "")
+                + "; save to a folder, then upload it with huggingface_hub.upload_folder(repo_id=..., folder_path=...)."
+            )
+        del max_shard_size  # one file: the module is small next to its base model
+        directory = Path(save_directory)
+        if not is_main_process:
+            return directory
+        if state_dict is None:
+            state = self.vif_module.state_dict()
+        else:
+            prefix = "vif_module."
+            state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if not state:
+                state = {k: v for k, v in state_dict.items() if k in self.vif_module.state_dict()}
         directory.mkdir(parents=True, exist_ok=True)
         data = {**self.config_vif.to_dict(), "base_model": self.base_model_info()}
         (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.vif_module.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "vif_version": "1"})
         return directory
 
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        # Without this, the base model's push_to_hub would be reached through __getattr__.
+        raise TypeError(
+            "VIFModel.push_to_hub is not implemented (it would otherwise push the base model); save the "
+            "adapter with save_pretrained(folder) and upload it with huggingface_hub.upload_folder."
+        )
+
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path, **overrides: Any) -> VIFModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        adapter: str | Path,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **overrides: Any,
+    ) -> VIFModel:
         """Attaches a saved VIF module to ``model``; refuses one saved for another backbone.
 
-        ``overrides`` replace inference-time fields of the saved config (e.g. ``alpha``,
-        ``injection``, ``inject_decode``).
+        ``adapter`` is a ``save_pretrained`` folder or a Hugging Face hub id (``subfolder``,
+        ``revision``, ``cache_dir``, ``token``, ``local_files_only`` as in transformers; the hub's
+        cache and ``HF_HUB_OFFLINE`` apply). ``overrides`` replace inference-time fields of the
+        saved config (e.g. ``alpha``, ``injection``, ``inject_decode``).
+
+        Everything that can be checked without weights is checked before ``model`` is touched
+        (:func:`vif.adapter_io.inspect_adapter`); if loading still fails, VIF is detached again,
+        so ``model`` is left exactly as it was. Raises :class:`VIFLoadError`.
         """
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.exists():
-            raise VIFLoadError(
-                f"{config_path} does not exist; point from_pretrained at a save_pretrained directory."
-            )
-        data = json.loads(config_path.read_text())
-        saved_for = data.pop("base_model", {})
-        config = VIFConfig.from_dict({**data, **overrides})
-        backbone = get_backbone(model)
-        text_config = backbone.text_config()
-        here = {
-            "model_type": model.config.model_type,
-            "hidden_size": int(text_config.hidden_size),
-            "num_hidden_layers": int(text_config.num_hidden_layers),
-        }
-        for key, value in here.items():
-            if key in saved_for and saved_for[key] != value:
-                raise VIFLoadError(
-                    f"the VIF module in {directory} was saved for a {saved_for.get('architecture')} with "
-                    f"{key}={saved_for[key]}, but this model ({type(model).__name__}) has {key}={value}. "
-                    "Load it onto the backbone it was trained with."
-                )
+        directory = resolve_adapter(
+            adapter,
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+        _require_vision_language_model(model)
+        config = inspect_adapter(directory, model.config, **overrides)
         vmodel = cls(model, config)
         weights = directory / WEIGHTS_NAME
-        if not weights.exists():
+        try:
+            state = load_file(weights, device=str(vmodel.vif_device))
+            vmodel.vif_module.load_state_dict(state, strict=True)
+        except BaseException as err:
             vmodel.detach()
-            raise VIFLoadError(f"{weights} does not exist; the adapter directory is incomplete.")
-        state = load_file(weights, device=str(vmodel.device))
-        missing, unexpected = vmodel.vif_module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            vmodel.detach()
-            raise VIFLoadError(
-                f"{weights} does not match the VIF config in {directory}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}."
-            )
+            if isinstance(err, Exception):
+                raise VIFLoadError(f"loading {weights} failed: {type(err).__name__}: {err}") from err
+            raise
         return vmodel
+
+
+def _require_vision_language_model(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vision_config", None) is None:
+        raise BackboneError(
+            f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r}) is not a "
+            "vision-language model: VIF needs image tokens to attend to. Load a VLM such as "
+            "LlavaForConditionalGeneration or Qwen2_5_VLForConditionalGeneration."
+        )
 
 
 def attach(model: nn.Module, config: VIFConfig | None = None, dtype: torch.dtype | None = None) -> VIFModel:
     """Attaches a new (randomly initialised) VIF module to a transformers VLM.
 
     ``config`` defaults to ``VIFConfig.preset("paper", model)``; the module's dtype
-    defaults to the model's.
+    defaults to the model's. If attaching fails, ``model`` is left exactly as it was.
     """
+    _require_vision_language_model(model)
     return VIFModel(model, config or VIFConfig.preset("paper", model), dtype=dtype)

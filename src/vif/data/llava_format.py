@@ -134,12 +134,36 @@ def check_image(path: Path) -> str | None:
 
 
 def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
-    """Read a LLaVA-format file: a JSON list, or JSONL (one sample per line)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Read a LLaVA-format file: a JSON list, or JSONL (one sample per line).
+
+    Raises :class:`LlavaFormatError` naming the file (and line) for a missing file, invalid
+    JSON, or anything but a list of sample objects.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LlavaFormatError(f"data file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise LlavaFormatError(f"cannot read data file {str(path)!r}: {err}") from None
     if text.lstrip().startswith("["):
-        records = json.loads(text)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LlavaFormatError(
+                f"{path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg}); is the file complete?"
+            ) from None
     else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise LlavaFormatError(
+                    f"{path} line {number}: invalid JSON ({err.msg} at column {err.colno}); a JSONL file needs "
+                    "one sample object per line (or write the whole file as a JSON list)"
+                ) from None
     if not all(isinstance(r, dict) for r in records):
         raise LlavaFormatError(f"{path}: expected a JSON list (or JSONL) of sample objects")
     return records
@@ -155,6 +179,11 @@ def conversations_to_messages(conversations: list[dict[str, str]], sample_id: st
     """
     messages = []
     for turn in conversations:
+        if not isinstance(turn, dict):
+            raise LlavaFormatError(
+                f"sample {sample_id!r}: each conversation turn must be an object "
+                f'{{"from": ..., "value": ...}}, got {type(turn).__name__} {turn!r}'
+            )
         role = ROLES.get(turn.get("from", ""))
         if role is None:
             raise LlavaFormatError(
@@ -163,7 +192,8 @@ def conversations_to_messages(conversations: list[dict[str, str]], sample_id: st
         value = turn.get("value", "")
         if not isinstance(value, str):
             raise LlavaFormatError(
-                f"sample {sample_id!r}: turn 'value' must be a string, got {type(value).__name__}"
+                f"sample {sample_id!r}: the {turn.get('from')!r} turn's 'value' must be a string, got "
+                f'{type(value).__name__} {value!r}; write it as text ("{value}")'
             )
         content: list[dict[str, str]] = []
         for i, piece in enumerate(value.split(IMAGE_MARKER)):
@@ -392,7 +422,10 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
         self.evidence_boxes: dict[str, list[float]] = {}
         self.skipped: list[tuple[str, str, str]] = []
         for index, record in enumerate(read_llava_json(json_path)):
-            sample = self._parse(record, index)
+            try:
+                sample = self._parse(record, index)
+            except LlavaFormatError as err:
+                raise LlavaFormatError(f"{json_path} item {index + 1}: {err}") from None
             if on_bad_image == "skip":
                 sample_id, _, paths = sample
                 bad = [(p, reason) for p in paths if (reason := check_image(p)) is not None]
@@ -414,6 +447,13 @@ class LlavaFormatDataset(torch.utils.data.Dataset):
     def _parse(self, record: dict[str, Any], index: int) -> tuple[str, list[dict[str, Any]], list[Path]]:
         sample_id = str(record.get("id", index))
         image = record.get("image")
+        if image is not None and not (
+            isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))
+        ):
+            raise LlavaFormatError(
+                f"sample {sample_id!r}: 'image' must be an image path or a list of paths, got "
+                f"{type(image).__name__} {image!r}"
+            )
         names = [] if image is None else [image] if isinstance(image, str) else list(image)
         paths = [Path(n) if Path(n).is_absolute() else self.image_folder / n for n in names]
 

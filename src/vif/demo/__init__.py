@@ -12,7 +12,7 @@
 6. write ``report.md``, ``report.html`` and ``metrics.json`` into the output folder.
 
     vif demo                      # full run (about 5 minutes on 2 CPU cores)
-    vif demo --quick --out /tmp/x # CI-sized run (well under a minute)
+    vif demo --quick --output-dir /tmp/x   # CI-sized run (well under a minute)
 
 See docs/demo.md.
 """
@@ -28,7 +28,14 @@ __all__ = ["DemoSettings", "add_arguments", "run", "run_demo"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder [demo-out]")
+    parser.add_argument(
+        "--output-dir",
+        "--out",
+        dest="out",
+        type=Path,
+        default=Path("demo-out"),
+        help="output folder [demo-out]",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="CI-sized run: tiny data, few steps (numbers are not meaningful)"
     )

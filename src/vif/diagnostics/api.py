@@ -16,6 +16,16 @@ from .inputs import iter_batches
 from .stats import difference, summarise, violin_values
 
 Run = tuple[Collection, dict]
+# What write_outputs() writes to an output folder (`vif diagnose --overwrite` removes exactly these).
+OUTPUT_FILES = (
+    "summary.json",
+    "index.html",
+    "attention_ratio.png",
+    "attention_violin.png",
+    "entropy.png",
+    "attention_values.npz",
+    "heatmaps/sample*_image*.png",
+)
 
 
 def _image_norm(processor: Any) -> tuple[Any, Any]:
@@ -47,7 +57,9 @@ def _total(samples: Any) -> int | None:
 def _run(model: nn.Module, samples: Any, label: str, options: dict[str, Any]) -> Collection:
     processor = options["processor"]
     mean, std = _image_norm(processor)
-    batches = iter_batches(samples, processor, options["image_folder"], options["batch_size"])
+    batches = iter_batches(
+        samples, processor, options["image_folder"], options["batch_size"], options["image_aspect"]
+    )
     collection = collect(
         model,
         batches,
@@ -133,6 +145,7 @@ def diagnose(
     max_new_tokens: int = 16,
     label: str | None = None,
     progress: bool = True,
+    image_aspect: str = "pad",
 ) -> dict[str, Any]:
     """Per-layer visual attention ratio, distribution, entropy and heatmaps of one model.
 
@@ -155,6 +168,9 @@ def diagnose(
         route: ``"probe"`` (fast; rows computed from query and key inside SDPA) or
             ``"attentions"`` (eager ``output_attentions=True`` reference; same numbers).
         label: name of the run in plots and json (default ``"VIF"`` / ``"base"``).
+        image_aspect: how the images of a LLaVA-format file are squared before the processor:
+            ``"pad"`` (LLaVA-1.5, ``vif train``'s default), ``"resize"`` or ``"keep"``; use what
+            the model or adapter was trained with. PIL-image samples go to the processor as given.
 
     Returns:
         the summary written to ``summary.json`` (see :mod:`vif.diagnostics.stats`).
@@ -181,6 +197,7 @@ def compare(
     route: str = "probe",
     max_new_tokens: int = 16,
     progress: bool = True,
+    image_aspect: str = "pad",
     **vif_overrides: Any,
 ) -> dict[str, Any]:
     """The base model and base + VIF on the same samples, side by side.

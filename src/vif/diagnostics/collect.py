@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import VisionLayout, get_backbone
 from ..model import VIFModel
+from ..placement import input_device
 from .inputs import Batch, Meta, prompt_only
 from .probe import AttentionProbe, RowSelection, hf_model, image_mass, probing, select_rows
 
@@ -270,7 +271,7 @@ def collect(
         label, layers, num_layers, rows, route, injection_layers=injection_layers, alpha=alpha
     )
     runner = _Runner(model, layers, route, max_new_tokens)
-    device = next(base.parameters()).device
+    device = input_device(base)  # accelerate-aware: the first parameter may be offloaded
     mean, std = image_mean or CLIP_MEAN, image_std or CLIP_STD
     pad_id = base.config.text_config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..data.llava_format import (
+    BadImageError,
     LlavaFormatDataset,
     VIFCollator,
     encode_conversation,
@@ -85,21 +86,35 @@ def encode_pil_sample(processor: Any, image: Any, question: str, answer: str | N
     return item
 
 
+def _items_of(dataset: LlavaFormatDataset) -> Iterator[dict[str, Any]]:
+    for i in range(len(dataset)):
+        try:
+            yield dataset[i]
+        except BadImageError as err:
+            # The dataset's own hint names its on_bad_image option, which the diagnostics do not have.
+            raise BadImageError(
+                str(err).split(". Fix or remove", 1)[0]
+                + ". Fix or remove the file, or remove its sample from the data file."
+            ) from None
+
+
 def iter_batches(
     samples: Any,
     processor: Any = None,
     image_folder: str | Path | None = None,
     batch_size: int = 4,
+    image_aspect: str = "pad",
 ) -> Iterator[tuple[Batch, list[Meta]]]:
     """Yields ``(batch, metas)``: a model-ready batch and one meta dict per sample.
 
     See the module docstring for the accepted ``samples``. ``processor`` is needed for
-    everything except ready-made batches; ``image_folder`` only for a LLaVA-format file.
+    everything except ready-made batches; ``image_folder`` and ``image_aspect`` only for a
+    LLaVA-format file.
     """
     if isinstance(samples, (str, Path)):
         if processor is None:
             raise ValueError("reading a LLaVA-format file needs the model's processor (processor=...).")
-        dataset = LlavaFormatDataset(samples, image_folder, processor)
+        dataset = LlavaFormatDataset(samples, image_folder, processor, image_aspect=image_aspect)
         metas = [
             {
                 "id": sample_id,
@@ -108,7 +123,7 @@ def iter_batches(
             }
             for sample_id, messages, _ in dataset.samples
         ]
-        yield from _collated((dataset[i] for i in range(len(dataset))), iter(metas), processor, batch_size)
+        yield from _collated(_items_of(dataset), iter(metas), processor, batch_size)
         return
 
     if isinstance(samples, (list, tuple)) and samples and _is_pil_sample(samples[0]):

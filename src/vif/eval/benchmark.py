@@ -110,6 +110,21 @@ def _text_field(record: dict[str, Any], where: str) -> str:
     return value
 
 
+def _check_answer_type(answer: Any, metric: str, where: str) -> None:
+    """Answers are text (a list of texts for several acceptable ones); multiple choice also takes an index."""
+    if isinstance(answer, str):
+        return
+    if isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
+        return
+    if metric == "multiple_choice" and isinstance(answer, int) and not isinstance(answer, bool):
+        return
+    kind = {bool: "a boolean", int: "an integer", float: "a number"}.get(type(answer), type(answer).__name__)
+    raise BenchmarkError(
+        f"{where}: field 'answer' must be a string (or a list of strings), got {kind} {answer!r}; "
+        f'write it as text, e.g. "answer": "{answer}"'
+    )
+
+
 def read_benchmark(
     path: str | Path, metric: str, image_folder: str | Path | None = None, limit: int | None = None
 ) -> list[BenchmarkSample]:
@@ -170,6 +185,8 @@ def read_benchmark(
                 or not all(isinstance(v, int | float) for v in bbox)
             ):
                 raise BenchmarkError(f"{where}: field 'bbox' must be a list of 4 numbers, got {bbox!r}")
+        if "answer" in record:
+            _check_answer_type(record["answer"], metric, where)
         # Score an empty prediction: the metric itself checks every field it reads
         # ('answer', 'options', 'bbox', ...) and says what is wrong.
         try:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..data.llava_format import IMAGE_ASPECTS, prepare_image, render_chat, tokenizer_of
+from ..placement import input_device
 
 __all__ = [
     "IMAGE_ASPECTS",
@@ -123,7 +124,7 @@ def generate_answers(
     prompts = [render_prompt(processor, messages) for messages in conversations]
     images = [[prepare_image(image, processor, image_aspect) for image in sample] for sample in images]
     inputs = encode_prompts(processor, prompts, images)
-    device = next(model.parameters()).device
+    device = input_device(model)  # accelerate-aware: the first parameter may be offloaded
     dtype = next(_unwrap(model).parameters()).dtype
     inputs = {
         key: value.to(device, dtype) if value.is_floating_point() else value.to(device)

@@ -34,6 +34,8 @@ from .generation import IMAGE_ASPECTS, generate_answers, user_message
 from .metrics import aggregate, get_metric
 
 REFERENCE_FIELDS = ("answer", "options", "bbox")
+# What evaluate() writes to an output folder (`vif eval --overwrite` removes exactly these).
+OUTPUT_FILES = ("summary.json", "predictions_*.jsonl")
 
 
 def predict(

@@ -7,8 +7,8 @@
 See :func:`train` for the recipe schema and docs/training.md for the commands.
 """
 
-from .api import TrainResult, train
+from .api import TrainResult, check, train
 from .data import TrainingDataError
 from .recipe import Recipe, RecipeError, load_recipe
 
-__all__ = ["Recipe", "RecipeError", "TrainResult", "TrainingDataError", "load_recipe", "train"]
+__all__ = ["Recipe", "RecipeError", "TrainResult", "TrainingDataError", "check", "load_recipe", "train"]

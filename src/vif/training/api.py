@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .recipe import Recipe, RecipeError, load_recipe
+from .preflight import Preflight, preflight
+from .recipe import Recipe
 
 if TYPE_CHECKING:
     from .trainer import VIFTrainer
@@ -55,7 +56,9 @@ class TrainResult:
         }
 
 
-def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> TrainResult:
+def train(
+    recipe: str | Path | dict[str, Any] | Recipe, *, force: bool = False, **overrides: Any
+) -> TrainResult:
     """Trains a vision-language model (with or without VIF) as ``recipe`` says; saves and returns.
 
     Args:
@@ -64,41 +67,47 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
 
                 model                       base model folder / hub id (required)
                 vif                         "paper" | "released" | "compact" | {preset, <VIFConfig field>: ...} | null  ["paper"]
-                init_adapter                a saved VIF module to continue from  [null]
+                init_adapter                a saved VIF module (folder or hub id) to continue from  [null]
                 attn_implementation         sdpa | eager  [sdpa]
                 data.json                   LLaVA-format JSON / JSONL (required)
                 data.image_folder           image root  [the JSON's folder]
                 data.image_aspect           pad | resize | keep  [pad]
                 data.on_bad_image           raise | skip  [raise]
                 data.max_length             [2048]
+                data.eval_json              an evaluation set (eval loss every logging_steps)  [null]
+                data.eval_image_folder      its image root  [the eval JSON's folder]
                 trainable.mode              full | lora | vif-only  [full]; vision tower always frozen
                 trainable.projector         train the projector  [true for full, else false]
                 trainable.lora              {r [128], alpha [256], dropout [0.05], target_modules [LLM q/k/v/o/gate/up/down]}
                 optimizer                   {lr [2e-5], vif_lr [lr], projector_lr [lr], weight_decay [0], max_grad_norm [1]}
                 schedule                    {scheduler [cosine], warmup_ratio [0.03], epochs [1], max_steps [-1],
                                              per_device_batch_size [16], grad_accumulation [1]}
-                precision                   auto | bf16 | fp16 | fp32  [auto: bf16 on a GPU that has it]
+                precision                   auto | bf16 | fp16 | fp32 (or the long names)  [auto: the checkpoint's dtype]
                 activation_checkpointing    [true]
                 seed [42], logging_steps [10], save_steps [500], save_total_limit [2],
-                dataloader_num_workers [0], report_to [none], deepspeed [null: a DeepSpeed JSON],
+                dataloader_num_workers [0], report_to [none; a name or a list], deepspeed [null: a DeepSpeed JSON],
                 output_dir [runs/vif]
-                resume                      false | true (last checkpoint in output_dir) | a checkpoint path
+                resume                      false | true (last complete checkpoint in output_dir) | a checkpoint path
+                <any other TrainingArguments field>   passed through, e.g. optim, run_name, warmup_steps
 
+        force: resume even though the recipe differs from the one the run started with.
         overrides: dotted keys replacing recipe values, e.g. ``**{"schedule.max_steps": 10}``.
 
     Returns:
         a :class:`TrainResult`: ``output_dir``, ``model_path``, ``vif_adapter``, ``global_step``,
         ``metrics``, ``log_history``, ``trainable``.
 
+    Every check that needs no weights runs first (:func:`vif.training.preflight.preflight`).
     Runs under ``torchrun`` / ``accelerate launch`` (DDP, DeepSpeed, FSDP) like any Trainer script;
     every process returns a result, process 0 writes the files.
     """
     from .parts import count_parameters
     from .trainer import VIF_SUBDIR
 
-    trainer = build_trainer(recipe, **overrides)
+    trainer = build_trainer(recipe, force=force, **overrides)
     recipe = trainer.recipe
-    output = trainer.train(resume_from_checkpoint=recipe.resume or None)
+    checkpoint = trainer.resume_checkpoint
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     output_dir = Path(recipe.output_dir)
     trainer.save_model(str(output_dir))
     trainer.save_state()
@@ -121,75 +130,46 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Tra
     )
 
 
-def build_trainer(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> VIFTrainer:
-    """Everything :func:`train` sets up - model, data, Trainer - without training.
+def check(
+    recipe: str | Path | dict[str, Any] | Recipe,
+    *,
+    force: bool = False,
+    decode_images: bool = True,
+    **overrides: Any,
+) -> Preflight:
+    """Every check of :func:`train` that needs no weights (what ``vif train --check`` runs); trains nothing."""
+    return preflight(recipe, force=force, decode_images=decode_images, **overrides)
+
+
+def build_trainer(
+    recipe: str | Path | dict[str, Any] | Recipe, *, force: bool = False, **overrides: Any
+) -> VIFTrainer:
+    """Everything :func:`train` sets up - checks, model, data, Trainer - without training.
 
     The returned :class:`~vif.training.trainer.VIFTrainer` also carries ``.recipe`` (validated),
-    ``.parts`` (:class:`~vif.training.parts.TrainingModel`) and ``.model_path``.
+    ``.parts`` (:class:`~vif.training.parts.TrainingModel`), ``.model_path`` and
+    ``.resume_checkpoint`` (the complete checkpoint to resume from, or None).
     """
-    from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
-
     from ..data.llava_format import VIFCollator
     from ..loading import load_model
-    from .data import build_dataset
+    from .data import CheckedDataset
     from .parts import build_training_model
+    from .rundir import write_marker
     from .trainer import VIFTrainer
 
-    recipe = load_recipe(recipe, **overrides)
-    output_dir = Path(recipe.output_dir)
-    resume = recipe.resume
-    if isinstance(resume, str) and not Path(resume).is_dir():
-        raise RecipeError(f"resume: {resume!r} is not a checkpoint directory.")
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if resume is True and last is None:
-        raise RecipeError(
-            f"resume: true but {output_dir} holds no checkpoint-<step> folder to resume from; "
-            "start without resume, or give the checkpoint path."
-        )
-    if resume is False and last is not None:
-        raise RecipeError(
-            f"output_dir {output_dir} already holds checkpoints of an earlier run (e.g. {last}); continue it "
-            "with resume: true (CLI: --resume), or choose a new output_dir."
-        )
+    checked = preflight(recipe, force=force, **overrides)  # before any weights load
+    recipe, args = checked.recipe, checked.training_args
 
-    bf16, fp16 = _precision(recipe.precision)
     torch.manual_seed(recipe.seed)  # the VIF module's initialisation
-    # An absolute path, so that a saved LoRA adapter finds its base model from anywhere.
-    model_path = str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model
     model, processor = load_model(
-        model_path, device="cpu", dtype="float32", attn_implementation=recipe.attn_implementation
+        checked.model_path, device="cpu", dtype="float32", attn_implementation=recipe.attn_implementation
     )
     parts = build_training_model(recipe, model)
-    dataset = build_dataset(recipe, processor, parts.base)
+    train_data = CheckedDataset(checked.train_data, parts.base)
+    eval_data = CheckedDataset(checked.eval_data, parts.base) if checked.eval_data is not None else None
+    if args.should_save and (checked.resume_checkpoint is None or checked.forced_changes):
+        write_marker(recipe, checked.forced_changes)
 
-    sched = recipe.schedule
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=sched.per_device_batch_size,
-        gradient_accumulation_steps=sched.grad_accumulation,
-        num_train_epochs=sched.epochs,
-        max_steps=sched.max_steps,
-        learning_rate=recipe.optimizer.lr,
-        weight_decay=recipe.optimizer.weight_decay,
-        max_grad_norm=recipe.optimizer.max_grad_norm,
-        lr_scheduler_type=sched.scheduler,
-        warmup_steps=sched.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        bf16=bf16,
-        fp16=fp16,
-        logging_steps=recipe.logging_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        seed=recipe.seed,
-        dataloader_num_workers=recipe.dataloader_num_workers,
-        report_to=recipe.report_to,
-        deepspeed=recipe.deepspeed,
-        remove_unused_columns=False,  # the collator builds exactly the model's inputs
-        label_names=["labels"],
-        ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
     lrs = {
         "lr": recipe.optimizer.lr,
         "vif_lr": recipe.optimizer.vif_lr or recipe.optimizer.lr,
@@ -199,29 +179,19 @@ def build_trainer(recipe: str | Path | dict[str, Any] | Recipe, **overrides: Any
         model=parts.top,
         args=args,
         data_collator=VIFCollator(processor, return_ids=True, return_boxes=_needs_boxes(parts)),
-        train_dataset=dataset,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
         processing_class=processor,
         parts=parts,
         lrs=lrs,
         recipe_dict=recipe.to_dict(),
     )
     trainer.recipe = recipe
-    trainer.model_path = model_path
+    trainer.model_path = checked.model_path
+    trainer.resume_checkpoint = checked.resume_checkpoint
     return trainer
 
 
 def _needs_boxes(parts: Any) -> bool:
     """Whether the model reads the samples' evidence boxes (``map_source="boxes"``)."""
     return parts.vif is not None and parts.vif.config_vif.map_source == "boxes"
-
-
-def _precision(precision: str) -> tuple[bool, bool]:
-    """``(bf16, fp16)`` flags of TrainingArguments for the recipe's precision."""
-    on_gpu = torch.cuda.is_available()
-    if precision == "auto":
-        return on_gpu and torch.cuda.is_bf16_supported(), False
-    if precision in ("bf16", "fp16") and not on_gpu:
-        raise RecipeError(
-            f"precision: {precision} needs a GPU (none is available); use 'auto' (fp32 on CPU) or 'fp32'."
-        )
-    return precision == "bf16", precision == "fp16"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..backbones import BackboneError, get_backbone
-from ..data.llava_format import BadImageError, LlavaFormatDataset, LlavaFormatError
+from ..data.llava_format import BadImageError, LlavaFormatDataset, LlavaFormatError, check_image
 from .recipe import Recipe, RecipeError
 
 
@@ -53,35 +53,82 @@ class CheckedDataset(torch.utils.data.Dataset):
         return item
 
 
-def build_dataset(recipe: Recipe, processor: Any, model: torch.nn.Module) -> CheckedDataset:
-    """The recipe's training set; fails now (before training) on format errors and missing files."""
+class ModelConfigOnly:
+    """Stands in for a model where only its config is read (the backbone adapter's layout check),
+    so a sample's image tokens can be checked before any weights load."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+def load_training_data(
+    json_path: str,
+    image_folder: str | None,
+    recipe: Recipe,
+    processor: Any,
+    model_config: Any,
+    decode_images: bool = False,
+    what: str = "data.json",
+) -> LlavaFormatDataset:
+    """A recipe's data file, checked without model weights; raises naming the file, sample and fix.
+
+    Every sample is parsed and validated (format, types, ``<image>`` markers); every image file
+    must exist (``on_bad_image: raise``; ``decode_images`` also decodes each one, as
+    ``vif train --check`` does); the first sample is encoded with the processor and its image
+    tokens checked against the model's config.
+    """
+    if not Path(json_path).is_file():
+        raise RecipeError(f"{what} {json_path!r} does not exist.")
+    if image_folder is not None and not Path(image_folder).is_dir():
+        folder_key = "data.image_folder" if what == "data.json" else "data.eval_image_folder"
+        raise RecipeError(f"{folder_key} {image_folder!r} is not a directory.")
     data = recipe.data
-    if not Path(data.json).is_file():
-        raise RecipeError(f"data.json {data.json!r} does not exist.")
-    if data.image_folder is not None and not Path(data.image_folder).is_dir():
-        raise RecipeError(f"data.image_folder {data.image_folder!r} is not a directory.")
     dataset = LlavaFormatDataset(
-        data.json,
-        image_folder=data.image_folder,
+        json_path,
+        image_folder=image_folder,
         processor=processor,
         image_aspect=data.image_aspect,
         on_bad_image=data.on_bad_image,
         max_length=data.max_length,
     )
     if len(dataset) == 0:
-        raise RecipeError(f"{data.json} holds no usable samples (skipped: {len(dataset.skipped)}).")
+        raise RecipeError(f"{json_path} holds no usable samples (skipped: {len(dataset.skipped)}).")
     if data.on_bad_image == "raise":
-        # Missing files are cheap to find up front (a stat per image); corrupt ones are only found
-        # when decoded, and then raise BadImageError naming the sample and the file.
-        missing = [(sid, str(p)) for sid, _, paths in dataset.samples for p in paths if not p.is_file()]
+        # A stat per image finds missing files; decoding (--check) finds corrupt ones too. Without
+        # it, a corrupt file fails when its sample is read, naming the sample and the file.
+        images = [(sid, p) for sid, _, paths in dataset.samples for p in paths]
+        missing = [(sid, str(p)) for sid, p in images if not p.is_file()]
         if missing:
             raise BadImageError(
-                f"{len(missing)} image file(s) of {data.json} do not exist, e.g. sample {missing[0][0]!r}: "
+                f"{len(missing)} image file(s) of {json_path} do not exist, e.g. sample {missing[0][0]!r}: "
                 f"{missing[0][1]}. Fix data.image_folder, or drop such samples with data.on_bad_image: skip."
             )
-    checked = CheckedDataset(dataset, model)
-    checked[0]  # encode one sample now: template, processor and model mismatches fail before training
-    return checked
+        if decode_images:
+            bad = [(sid, str(p), reason) for sid, p in images if (reason := check_image(p)) is not None]
+            if bad:
+                raise BadImageError(
+                    f"{len(bad)} image file(s) of {json_path} cannot be read, e.g. sample {bad[0][0]!r}: "
+                    f"{bad[0][1]} ({bad[0][2]}). Fix or remove them, or drop such samples with "
+                    "data.on_bad_image: skip."
+                )
+    # Template, processor and image-token layout: encode one sample now, against the config only.
+    CheckedDataset(dataset, ModelConfigOnly(model_config))[0]
+    return dataset
 
 
-__all__ = ["BadImageError", "CheckedDataset", "LlavaFormatError", "TrainingDataError", "build_dataset"]
+def build_dataset(recipe: Recipe, processor: Any, model: torch.nn.Module) -> CheckedDataset:
+    """The recipe's training set; fails now (before training) on format errors and missing files."""
+    data = recipe.data
+    dataset = load_training_data(data.json, data.image_folder, recipe, processor, model.config)
+    return CheckedDataset(dataset, model)
+
+
+__all__ = [
+    "BadImageError",
+    "CheckedDataset",
+    "LlavaFormatError",
+    "ModelConfigOnly",
+    "TrainingDataError",
+    "build_dataset",
+    "load_training_data",
+]

@@ -16,6 +16,8 @@ hour into a job. Schema (every key but ``model`` and ``data.json`` has a default
       image_aspect: pad                   # pad (LLaVA-1.5) | resize | keep
       on_bad_image: raise                 # raise | skip (check every image first, drop bad samples)
       max_length: 2048
+      eval_json: null                     # an evaluation set in the same format (eval loss; set eval_strategy)
+      eval_image_folder: null             # its image root (default: the eval JSON's folder)
     trainable:
       mode: full                          # full | lora | vif-only (vision tower always frozen)
       projector: null                     # train the projector? default: yes for full, no otherwise
@@ -33,18 +35,23 @@ hour into a job. Schema (every key but ``model`` and ``data.json`` has a default
       max_steps: -1                       # > 0 overrides epochs
       per_device_batch_size: 16
       grad_accumulation: 1
-    precision: auto                       # auto (bf16 where the GPU has it, else fp32) | bf16 | fp16 | fp32
+    precision: auto                       # auto (the checkpoint's dtype where the machine runs it, else fp32)
+                                          # | bf16 | fp16 | fp32 (or bfloat16 / float16 / float32)
     activation_checkpointing: true
     seed: 42
     logging_steps: 10
     save_steps: 500
     save_total_limit: 2
     dataloader_num_workers: 0
-    report_to: none                       # none | tensorboard | wandb | ... (transformers integrations)
+    report_to: none                       # none | tensorboard | wandb | ... or a list (transformers integrations)
     deepspeed: null                       # a DeepSpeed JSON (e.g. recipes/deepspeed_zero2.json) for torchrun
                                           # launches; with `accelerate launch --config_file` leave it null
     output_dir: runs/llava-vif
     resume: false                         # true: continue from the last checkpoint in output_dir; or a path
+    # Any other transformers TrainingArguments field passes through as a top-level key, validated
+    # by TrainingArguments itself: optim, run_name, warmup_steps (replaces schedule.warmup_ratio),
+    # eval_strategy, eval_steps, adam_beta2, lr_scheduler_kwargs, ... Fields the recipe sets under
+    # its own name (learning_rate = optimizer.lr, bf16 = precision, ...) are refused with that name.
 
 YAML note: PyYAML reads ``2e-5`` (no dot) as a string; numeric fields accept such
 strings and convert them.
@@ -64,7 +71,83 @@ from ..config import VIFConfig, VIFConfigError
 
 PRESETS = ("paper", "released", "compact")
 MODES = ("full", "lora", "vif-only")
+# The same dtype names as everywhere else (vif.loading.DTYPE_CHOICES); long names are stored short.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+DEFAULT_WARMUP_RATIO = 0.03
+
+# TrainingArguments fields that the recipe sets under its own key: passing them through would give
+# two places for one setting, so they are refused with the recipe key to use.
+MANAGED_TRAINING_ARGS = {
+    "learning_rate": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "max_grad_norm": "optimizer.max_grad_norm",
+    "lr_scheduler_type": "schedule.scheduler",
+    "num_train_epochs": "schedule.epochs",
+    "max_steps": "schedule.max_steps",
+    "per_device_train_batch_size": "schedule.per_device_batch_size",
+    "gradient_accumulation_steps": "schedule.grad_accumulation",
+    "warmup_ratio": "schedule.warmup_ratio",
+    "bf16": "precision",
+    "fp16": "precision",
+    "activation_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing": "activation_checkpointing",
+    "activation_checkpointing_kwargs": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing",
+    "resume_from_checkpoint": "resume",
+    "remove_unused_columns": "(set by vif: the collator builds exactly the model's inputs)",
+    "label_names": "(set by vif)",
+}
+
+# What the recipe fingerprint leaves out: keys that only change where the run lives, how often it
+# logs, saves or evaluates, and where it reports, never what is trained. Everything else (model,
+# vif, init_adapter, attn_implementation, data (with the training JSON's content), trainable,
+# optimizer, schedule, precision, seed, and every other TrainingArguments field passed through)
+# is part of it, so resuming with any of those changed is refused unless forced.
+NOT_FINGERPRINTED = {
+    "output_dir",
+    "resume",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "dataloader_num_workers",
+    "deepspeed",
+    "activation_checkpointing",  # tested to give the same gradients
+    "data.eval_json",
+    "data.eval_image_folder",
+}
+NOT_FINGERPRINTED_PREFIXES = (
+    "logging_",
+    "log_",
+    "save_",
+    "eval_",
+    "per_device_eval",
+    "hub_",
+    "push_to_hub",
+    "run_name",
+    "project",
+    "trackio_",
+    "disable_tqdm",
+    "prediction_loss_only",
+    "include_",
+    "batch_eval_metrics",
+    "load_best_model_at_end",
+    "metric_for_best_model",
+    "greater_is_better",
+    "skip_memory_metrics",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "ddp_timeout",
+    "torch_empty_cache_steps",
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "restore_callback_states_from_checkpoint",
+    "debug",
+)
 
 
 class RecipeError(ValueError):
@@ -78,6 +161,8 @@ class DataRecipe:
     image_aspect: str = "pad"
     on_bad_image: str = "raise"
     max_length: int = 2048
+    eval_json: str | None = None
+    eval_image_folder: str | None = None
 
 
 @dataclass
@@ -108,7 +193,7 @@ class OptimizerRecipe:
 @dataclass
 class ScheduleRecipe:
     scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
+    warmup_ratio: float | None = None  # None: 0.03, unless the recipe gives warmup_steps
     epochs: float = 1.0
     max_steps: int = -1
     per_device_batch_size: int = 16
@@ -134,10 +219,12 @@ class Recipe:
     save_steps: int = 500
     save_total_limit: int | None = 2
     dataloader_num_workers: int = 0
-    report_to: str = "none"
+    report_to: str | list[str] = "none"
     deepspeed: str | None = None
     output_dir: str = "runs/vif"
     resume: bool | str = False
+    # Other TrainingArguments fields, passed through (written at the recipe's top level).
+    training_args: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -147,7 +234,26 @@ class Recipe:
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data, as a recipe file would hold it (pass-through TrainingArguments at the top level)."""
+        data = dataclasses.asdict(self)
+        data.update(data.pop("training_args"))
+        return data
+
+    @property
+    def warmup(self) -> float | int:
+        """TrainingArguments' ``warmup_steps``: a step count, or a float < 1 = a ratio of the total steps."""
+        if "warmup_steps" in self.training_args:
+            return self.training_args["warmup_steps"]
+        return DEFAULT_WARMUP_RATIO if self.schedule.warmup_ratio is None else self.schedule.warmup_ratio
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The recipe entries that define what is trained (see ``NOT_FINGERPRINTED``), flat and dotted."""
+        flat = _flatten(self.to_dict())
+        return {
+            key: value
+            for key, value in sorted(flat.items())
+            if key not in NOT_FINGERPRINTED and not key.startswith(NOT_FINGERPRINTED_PREFIXES)
+        }
 
     @property
     def uses_vif(self) -> bool:
@@ -183,7 +289,8 @@ class Recipe:
         if not self.data.json:
             raise RecipeError("recipe key 'data.json' is missing: give the LLaVA-format training JSON.")
         choice("trainable.mode", self.trainable.mode, MODES)
-        choice("precision", self.precision, PRECISIONS)
+        self.precision = PRECISION_ALIASES.get(self.precision, self.precision)
+        choice("precision", self.precision, PRECISIONS + tuple(PRECISION_ALIASES))
         choice("data.image_aspect", self.data.image_aspect, ("pad", "resize", "keep"))
         choice("data.on_bad_image", self.data.on_bad_image, ("raise", "skip"))
         choice("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
@@ -227,8 +334,15 @@ class Recipe:
         }.items():
             if value is not None and value <= 0:
                 raise RecipeError(f"recipe key {key!r} must be > 0 (or null = optimizer.lr), got {value}.")
-        if not 0.0 <= self.schedule.warmup_ratio < 1.0:
-            raise RecipeError(f"schedule.warmup_ratio must be in [0, 1), got {self.schedule.warmup_ratio}.")
+        ratio = self.schedule.warmup_ratio
+        if ratio is not None and not 0.0 <= ratio < 1.0:
+            raise RecipeError(f"schedule.warmup_ratio must be in [0, 1), got {ratio}.")
+        if ratio is not None and "warmup_steps" in self.training_args:
+            raise RecipeError("give schedule.warmup_ratio or warmup_steps, not both.")
+        if isinstance(self.report_to, list) and not all(isinstance(r, str) for r in self.report_to):
+            raise RecipeError(f"report_to must be a name or a list of names, got {self.report_to!r}.")
+        if self.data.eval_image_folder is not None and self.data.eval_json is None:
+            raise RecipeError("data.eval_image_folder is set but data.eval_json (the evaluation set) is not.")
         if not 0.0 <= self.trainable.lora.dropout < 1.0:
             raise RecipeError(f"trainable.lora.dropout must be in [0, 1), got {self.trainable.lora.dropout}.")
         if self.optimizer.weight_decay < 0:
@@ -300,18 +414,49 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise RecipeError(f"{where} must be a mapping of keys, got {type(data).__name__} {data!r}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = dict(data)
+    passthrough: dict[str, Any] = {}
+    if where == "recipe":
+        passthrough = dict(data.pop("training_args", None) or {})
+        for name in [k for k in data if k not in fields and k in _training_argument_names()]:
+            passthrough[name] = data.pop(name)
+        for name in passthrough:
+            if name in MANAGED_TRAINING_ARGS or name in fields:
+                raise RecipeError(
+                    f"recipe key {name!r} is a TrainingArguments field the recipe sets itself; use "
+                    f"{MANAGED_TRAINING_ARGS.get(name, name)!r} instead."
+                )
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = "" if where == "recipe" else f"{where}."
+        also = " or any transformers TrainingArguments field" if where == "recipe" else ""
         raise RecipeError(
             f"unknown recipe key(s) {[prefix + k for k in unknown]}; valid keys"
-            f"{'' if where == 'recipe' else ' in ' + repr(where)}: {sorted(fields)}."
+            f"{'' if where == 'recipe' else ' in ' + repr(where)}: {sorted(set(fields) - {'training_args'})}{also}."
         )
     values = {}
     for name, value in data.items():
         key = name if where == "recipe" else f"{where}.{name}"
         values[name] = _coerce(hints[name], value, key)
+    if where == "recipe":
+        values["training_args"] = passthrough
     return cls(**values)
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
