@@ -36,6 +36,15 @@ def llava_7b_config() -> LlavaConfig:
         (dict(num_components=0), "num_components"),
         (dict(attender="authors"), r"attender='authors' is not one of \('vif', 'released'\)"),
         (dict(init="xavier"), r"init='xavier' is not one of \('vif', 'released'\)"),
+        (dict(centers="argmax"), r"centers='argmax' is not one of \('linear', 'attention'\)"),
+        (dict(min_sigma_unit="pixel"), "min_sigma_unit"),
+        (dict(evidence_weight=-1.0), "evidence_weight must be >= 0"),
+        (dict(evidence_features="pixels"), "evidence_features"),
+        (dict(evidence_pool="slots"), "evidence_pool"),
+        (dict(evidence_reader="mlp"), "evidence_reader"),
+        (dict(vision_features="tower"), "vision_features"),
+        (dict(map_source="oracle"), "map_source"),
+        (dict(centers="linear", evidence_pool="locator"), "only centers='attention' has"),
     ],
 )
 def test_validation_errors(kwargs, message):

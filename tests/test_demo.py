@@ -1,6 +1,6 @@
-"""`vif demo --quick` end to end: data -> base -> control / VIF arms (vif.training.train) -> scores ->
-diagnostics -> report. Checks the files a user looks at, the metrics.json schema, and that a re-run
-with the same seed reproduces the numbers."""
+"""`vif demo --quick` end to end: data -> base -> four arms (vif.training.train, in worker processes) ->
+scores and maps -> diagnostics -> report. Checks the files a user looks at, the metrics.json schema, and
+that a re-run with the same seed reproduces the numbers."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from PIL import Image
 
 from vif.cli import main
 from vif.demo import DemoSettings
+from vif.demo.pipeline import ARMS
 
 pytestmark = pytest.mark.slow
 
 
-def _run(out: Path, seed: int = 0) -> dict:
-    assert main(["demo", "--quick", "--out", str(out), "--seed", str(seed), "--no-progress"]) == 0
+def _run(out: Path, seed: int = 0, workers: int = 2) -> dict:
+    args = ["demo", "--quick", "--output-dir", str(out), "--seed", str(seed), "--no-progress"]
+    assert main([*args, "--workers", str(workers)]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -32,48 +34,64 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_metrics_schema(quick_run: tuple[Path, dict]) -> None:
     out, metrics = quick_run
     settings = DemoSettings.quick()
-    for arm in ("control", "vif"):
+    assert metrics["seeds"] == list(settings.seeds)
+    for arm in ARMS:
         m = metrics[arm]
-        assert 0.0 <= m["accuracy"] <= 1.0
+        assert len(m["accuracy_per_seed"]) == len(settings.seeds)
+        assert m["accuracy"] == pytest.approx(sum(m["accuracy_per_seed"]) / len(settings.seeds))
         assert set(m["per_type"]) == set(settings.data.question_types)
-        n_tokens = (settings.image_size // settings.patch_size) ** 2
-        # entropy of a distribution over the image tokens: between 0 and ln(Nv)
+        if arm == "control":
+            assert "importance_on_target" not in m  # no map in the control arm
+        else:
+            assert 0.0 <= m["importance_on_target"] <= 1.0
+            assert len(m["importance_on_target_per_seed"]) == len(settings.seeds)
+            assert m["gain_over_control"] == pytest.approx(m["accuracy"] - metrics["control"]["accuracy"])
+    assert metrics["oracle"]["importance_on_target"] == pytest.approx(1.0)  # the map IS the target box
+    n_tokens = (settings.image_size // settings.patch_size) ** 2
+    for arm in ("control", "vif"):  # the diagnosed arms
+        m = metrics[arm]
         assert 0.0 < m["deep_entropy"] <= torch.log(torch.tensor(float(n_tokens))).item() + 1e-6
         assert 0.0 < m["deep_ratio"] <= 1.0 + 1e-6
         assert 0.0 <= m["deep_attention_on_target"] <= 1.0
-    assert metrics["control"]["importance_on_target"] is None  # no VIF map in the control arm
-    assert 0.0 <= metrics["vif"]["importance_on_target"] <= 1.0
-    assert 0.0 <= metrics["vif"]["importance_variation"] <= 1.0
     assert 0.0 < metrics["on_target_if_uniform"] < 1.0
     assert metrics["steps"] == {"base": settings.base_steps, "arm": settings.arm_steps}
     assert metrics["seconds"] > 0
     assert metrics["n_test"] == settings.data.n_test
 
     predictions = json.loads((out / "predictions.json").read_text())
-    for arm in ("control", "vif"):
-        assert len(predictions[arm]) == settings.data.n_test
-        accuracy = sum(p["correct"] for p in predictions[arm]) / len(predictions[arm])
-        assert accuracy == pytest.approx(metrics[arm]["accuracy"])
+    for arm in ARMS:
+        for seed, accuracy in zip(settings.seeds, metrics[arm]["accuracy_per_seed"]):
+            rows = predictions[f"{arm}/seed{seed}"]
+            assert len(rows) == settings.data.n_test
+            assert sum(p["correct"] for p in rows) / len(rows) == pytest.approx(accuracy)
 
 
-def test_both_arms_trained_from_the_base(quick_run: tuple[Path, dict]) -> None:
+def test_every_arm_trained_from_the_base(quick_run: tuple[Path, dict]) -> None:
     out, _ = quick_run
     models = out / "models"
-    assert (models / "vif" / "vif" / "vif_module.safetensors").is_file()
-    assert not (models / "control" / "vif").exists()
-    for arm in ("control", "vif"):
-        recipe = json.loads((models / arm / "training_recipe.json").read_text())
-        assert Path(recipe["model"]) == models / "base"
-        assert recipe["schedule"]["max_steps"] == DemoSettings.quick().arm_steps
-    assert json.loads((models / "control" / "training_recipe.json").read_text())["vif"] is None
+    for arm in ARMS:
+        for seed in DemoSettings.quick().seeds:
+            folder = models / f"{arm}-seed{seed}"
+            recipe = json.loads((folder / "training_recipe.json").read_text())
+            assert Path(recipe["model"]) == models / "base"
+            assert recipe["schedule"]["max_steps"] == DemoSettings.quick().arm_steps
+            assert recipe["seed"] == seed
+            assert (folder / "vif" / "vif_module.safetensors").is_file() == (arm != "control")
+    paper = json.loads((models / "vif_paper-seed0" / "vif" / "vif_config.json").read_text())
+    default = json.loads((models / "vif-seed0" / "vif" / "vif_config.json").read_text())
+    assert paper["evidence_weight"] == 0.0 and paper["centers"] == "linear"  # the paper's recipe
+    assert (
+        json.loads((models / "oracle-seed0" / "vif" / "vif_config.json").read_text())["map_source"] == "boxes"
+    )
+    assert default["map_source"] == "attender"
 
 
 def test_report_files(quick_run: tuple[Path, dict]) -> None:
     out, metrics = quick_run
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
-    assert f"{100 * metrics['control']['accuracy']:.1f}%" in md
-    assert f"{100 * metrics['vif']['accuracy']:.1f}%" in md
+    for arm in ARMS:
+        assert f"{100 * metrics[arm]['accuracy']:.1f}%" in md
     images_md = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     images_html = re.findall(r"<img src='([^']+)'", page)
     assert images_md == images_html
@@ -85,12 +103,14 @@ def test_report_files(quick_run: tuple[Path, dict]) -> None:
             assert im.format == "PNG" and im.size[0] > 100
 
 
-def test_rerun_reproduces_numbers(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+def test_rerun_in_one_process_reproduces_numbers(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
     out, metrics = quick_run
-    again = _run(tmp_path)
+    again = _run(tmp_path, workers=1)  # worker processes or not: the same numbers
+    for arm in ARMS:
+        for key in ("accuracy_per_seed", "train_loss_per_seed", "importance_on_target_per_seed"):
+            assert again[arm].get(key) == metrics[arm].get(key), (arm, key)
     for arm in ("control", "vif"):
-        for key in ("accuracy", "deep_entropy", "deep_ratio", "train_loss", "importance_on_target"):
-            assert again[arm][key] == metrics[arm][key], (arm, key)
+        assert again[arm]["deep_entropy"] == metrics[arm]["deep_entropy"]
     first = json.loads((out / "predictions.json").read_text())
     assert json.loads((tmp_path / "predictions.json").read_text()) == first
 
@@ -99,5 +119,5 @@ def test_cuda_without_gpu_is_refused_before_work(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="--device cpu"):
-        main(["demo", "--quick", "--out", str(tmp_path / "x"), "--device", "cuda"])
+        main(["demo", "--quick", "--output-dir", str(tmp_path / "x"), "--device", "cuda"])
     assert not (tmp_path / "x").exists()

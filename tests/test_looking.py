@@ -117,7 +117,7 @@ def test_evidence_and_auxiliary_losses_never_reach_the_llm_with_detached_input()
         out.vif.evidence, list(vmodel.vif_module.parameters()), allow_unused=True
     )
     named = dict(zip([n for n, _ in vmodel.vif_module.named_parameters()], attender_grads))
-    for name in ("gmm.center_query.weight", "evidence.proj.weight", "prior.embeddings_in.weight"):
+    for name in ("gmm.center_query.weight", "evidence.proj.0.weight", "prior.embeddings_in.weight"):
         assert named[name] is not None and named[name].abs().sum() > 0, name
     # ...while without detach_input the same losses do train the LLM's lower layers
     vmodel.detach()
@@ -219,3 +219,19 @@ def test_training_puts_the_map_on_the_evidence():
     assert before < 2 * flat
     print("ON-TARGET", before, after, flat)
     assert after > 5 * flat, (before, after, flat)
+
+
+def test_an_adapter_saved_before_the_new_fields_loads_as_it_was_built(tmp_path):
+    import json
+
+    from vif.config import LEGACY_VALUES, PAPER_METHOD
+
+    model = tiny_llava()
+    vmodel = vif.attach(model, compact(model, **PAPER_METHOD))
+    vmodel.save_pretrained(tmp_path)
+    path = tmp_path / "vif_config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in data.items() if k not in LEGACY_VALUES}))
+    loaded = vif.VIFModel.from_pretrained(vmodel.detach(), tmp_path)
+    for key, value in LEGACY_VALUES.items():
+        assert getattr(loaded.config_vif, key) == value, key

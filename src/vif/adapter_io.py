@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import CONFIG_NAME, VIFConfig, VIFConfigError
+from .config import CONFIG_NAME, LEGACY_VALUES, VIFConfig, VIFConfigError
 
 WEIGHTS_NAME = "vif_module.safetensors"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -120,7 +120,7 @@ def read_adapter_config(directory: Path) -> tuple[dict[str, Any], dict[str, Any]
     if not isinstance(data, dict):
         raise VIFLoadError(f"{path} must hold a JSON object of VIFConfig fields.")
     saved_for = data.pop("base_model", {}) or {}
-    return data, saved_for
+    return {**LEGACY_VALUES, **data}, saved_for
 
 
 def text_dims(model_config: Any) -> dict[str, Any]:

@@ -193,7 +193,10 @@ class EvidenceHead(nn.Module):
         super().__init__()
         self.reader = reader
         self.norm = nn.LayerNorm(hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
+        # Two layers: whether a patch shows the answer is not a linear function of its features.
+        self.proj = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(
         self,

@@ -30,6 +30,26 @@ RELEASED_BEHAVIOUR: dict[str, Any] = {
 }
 
 
+# The paper's (and the released code's) values of the options this project added to learn where to
+# look (docs/presets.md, "departures from the paper"). The "paper" and "released" presets and
+# `vif convert-authors` use them; a vif_config.json saved before a field existed is read with them.
+PAPER_METHOD: dict[str, Any] = {
+    "centers": "linear",
+    "min_sigma": 0.035,
+    "min_sigma_unit": "image",
+    "evidence_weight": 0.0,
+    "vision_features": "extraction",
+    "detach_input": False,
+}
+# Fields added after the first saved format, with the value that reproduces a module saved before.
+LEGACY_VALUES: dict[str, Any] = {
+    **{k: v for k, v in PAPER_METHOD.items() if k != "min_sigma"},
+    "map_source": "attender",
+    "attender": "vif",
+    "init": "vif",
+}
+
+
 class VIFConfigError(ValueError):
     """A VIF configuration that cannot work; the message names the field and the fix."""
 
@@ -223,7 +243,7 @@ class VIFConfig:
             raise FileNotFoundError(
                 f"no {CONFIG_NAME} at {path}; is this a directory written by save_pretrained?"
             )
-        return cls.from_json(path.read_text())
+        return cls.from_dict({**LEGACY_VALUES, **json.loads(path.read_text())})
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -258,6 +278,7 @@ class VIFConfig:
                 attender="released",
                 init="released",
                 loss_pairs="first",  # the released training adds the first pair's KL / sparsity only
+                **PAPER_METHOD,
             )
             if name == "released":
                 values.update(RELEASED_BEHAVIOUR)

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .attender import ProbabilisticAttender
-from .config import CONFIG_NAME, RELEASED_BEHAVIOUR, VIFConfig, VIFConfigError
+from .config import CONFIG_NAME, PAPER_METHOD, RELEASED_BEHAVIOUR, VIFConfig, VIFConfigError
 from .model import WEIGHTS_NAME
 
 MODULE_PREFIX = "attention_bias_generator."
@@ -390,6 +390,7 @@ def config_from_run(
 
     extract, inject, where = released_layer_pairs(run_config, depth)
     values: dict[str, Any] = {
+        **PAPER_METHOD,  # the released module has none of the project's additions
         "hidden_size": hidden,
         "latent_size": latent,
         "num_encoder_layers": sizes["latent_num_layers"],

@@ -270,7 +270,7 @@ class _Runtime:
         """``(B_img, Nv, D)`` the LLM's input at the image tokens (detached), in the attender's dtype."""
         if self.embeddings is None:
             raise BackboneError("VIF found no LLM input embeddings; was decoder layer 0 hooked?")
-        source = self.embeddings[has].to(next(self.attender.parameters()).dtype)
+        source = self.embeddings[has].detach().to(next(self.attender.parameters()).dtype)
         return source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
 
     def evidence_loss(

@@ -6,6 +6,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from .pipeline import ARMS, LABELS
+
 # A block is ("h", text) | ("p", text) | ("table", (header, rows)) | ("img", (path, caption)).
 Block = tuple[str, Any]
 
@@ -29,69 +31,80 @@ def _num(x: float | None, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def verdict(metrics: dict[str, Any]) -> str:
-    """One honest sentence on who won; the margin is compared with the test set's sampling noise."""
-    control, vif, n = metrics["control"]["accuracy"], metrics["vif"]["accuracy"], metrics["n_test"]
-    # Standard error of a difference of two accuracies on n questions (unpaired, an upper bound).
-    noise = ((control * (1 - control) + vif * (1 - vif)) / max(n, 1)) ** 0.5
-    diff = vif - control
-    if abs(diff) <= 2 * noise:
+def _noise(metrics: dict[str, Any], arm: str) -> float:
+    """Two standard errors of the difference between ``arm`` and the control, in accuracy units.
+
+    Test-set sampling noise of each seed's difference (binomial, unpaired: an upper bound), divided by
+    sqrt(number of seeds) for the mean over seeds.
+    """
+    n, seeds = metrics["n_test"], len(metrics["seeds"])
+    c, a = metrics["control"]["accuracy"], metrics[arm]["accuracy"]
+    return 2 * ((c * (1 - c) + a * (1 - a)) / max(n, 1) / seeds) ** 0.5
+
+
+def verdict(metrics: dict[str, Any], arm: str = "vif") -> str:
+    """One honest sentence on an arm against the control, with the noise beside the difference."""
+    m, control = metrics[arm], metrics["control"]
+    diff, noise = m["accuracy"] - control["accuracy"], _noise(metrics, arm)
+    per_seed = ", ".join(f"{100 * d:+.1f}" for d in m["gain_over_control_per_seed"])
+    if abs(diff) <= noise:
         outcome = "is within noise of"
     elif diff > 0:
         outcome = "beats"
     else:
         outcome = "does NOT beat (it is below)"
     return (
-        f"VIF ({_pct(vif)}) {outcome} the control ({_pct(control)}) on {n} test questions: "
-        f"difference {100 * diff:+.1f} points, two standard errors = {200 * noise:.1f} points."
+        f"{LABELS[arm]}, {_pct(m['accuracy'])}, {outcome} the control, {_pct(control['accuracy'])}: "
+        f"{100 * diff:+.1f} points averaged over {len(metrics['seeds'])} seeds (per seed: {per_seed}); "
+        f"two standard errors of the mean difference: {100 * noise:.1f} points."
     )
 
 
 def diagnosis(metrics: dict[str, Any]) -> list[str]:
-    """Sentences that say WHY the arms came out as they did, read off the on-target measurements."""
+    """Sentences that say WHY the arms came out as they did, read off the measurements."""
     uniform = metrics["on_target_if_uniform"]
-    control, vif = metrics["control"], metrics["vif"]
+    control = metrics["control"]
     lines = []
-    c_share = control["deep_attention_on_target"]
-    if c_share < 1.5 * uniform:
+    c_share = control.get("deep_attention_on_target")
+    if c_share is not None and c_share < 1.5 * uniform:
         lines.append(
             f"The control's deep layers spread their attention over the whole image: {_pct(c_share)} of it "
             f"lands on the target's tokens, where a flat attention puts {_pct(uniform)} (visual attenuation)."
         )
-        if tuple(metrics["settings"]["data"]["question_types"]) == ("color",):
-            lines.append(
-                f"It still answers {_pct(control['accuracy'])} correctly (chance: 20%): in TinyFind the target "
-                "is the only saturated object, so its colour can be read off the image as a whole, without "
-                "finding where it is. Looking harder at the target is less of an advantage than on a task "
-                "where several objects compete."
-            )
-    else:
+    elif c_share is not None:
         lines.append(
             f"The control's deep layers already focus on the target: {_pct(c_share)} of their visual attention "
             f"lands on its tokens vs {_pct(uniform)} for a flat attention."
         )
-    pi_share, variation = vif["importance_on_target"], vif["importance_variation"]
-    if pi_share is not None and pi_share >= 2 * uniform:
+    if "oracle" in metrics:
         lines.append(
-            f"VIF's importance map finds the target: {_pct(pi_share)} of its mass is on the target's tokens "
-            f"({_pct(uniform)} for a flat map); the VIF arm's deep attention puts "
-            f"{_pct(vif['deep_attention_on_target'])} there."
+            f"A correct map is worth {100 * metrics['oracle']['gain_over_control']:+.1f} points here: the "
+            f"ground-truth arm scores {_pct(metrics['oracle']['accuracy'])}, the upper bound of what VIF's "
+            "map can give on this task."
         )
-    elif pi_share is not None:
-        lines.append(
-            f"VIF's importance map does NOT find the target: {_pct(pi_share)} of its mass is on the target's "
-            f"tokens, where a flat map would put {_pct(uniform)}. Its lower deep-layer entropy is focus on "
-            "the wrong place, not on the target."
+    for arm in ("vif", "vif_paper"):
+        if arm not in metrics:
+            continue
+        m = metrics[arm]
+        share, variation = m["importance_on_target"], m["importance_variation"]
+        found = "finds" if share >= 4 * uniform else "does NOT find"
+        line = (
+            f"{LABELS[arm]}: the map {found} the target, {_pct(share)} of its mass on the target's tokens "
+            f"({_pct(uniform)} for a flat map)"
         )
-    if variation is not None and variation < 0.15:
+        if variation is not None and variation < 0.15:
+            line += (
+                f"; it is almost the same for every image (mean total-variation distance to the average map "
+                f"{_num(variation, 2)}), so it cannot follow the target"
+            )
+        by_answer = m.get("importance_on_target_by_answer") or {}
+        if by_answer:
+            line += "; by answer: " + ", ".join(f"{a} {_pct(v)}" for a, v in by_answer.items())
+        lines.append(line + ".")
+    if "vif" in metrics and metrics["vif"].get("share_of_oracle_gap") is not None:
         lines.append(
-            f"The map is almost the same for every image (mean total-variation distance to the average map: "
-            f"{_num(variation, 2)}): it collapsed to a fixed place instead of following the target. "
-            "docs/demo.md explains this failure and what was tried."
-        )
-    elif variation is not None:
-        lines.append(
-            f"The map changes from image to image (mean total-variation distance {_num(variation, 2)})."
+            f"VIF with the project's defaults closes {_pct(metrics['vif']['share_of_oracle_gap'])} of the gap "
+            "between the control and the ground-truth map."
         )
     return lines
 
@@ -99,8 +112,8 @@ def diagnosis(metrics: dict[str, Any]) -> list[str]:
 def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[str]) -> list[Block]:
     settings = metrics["settings"]
     data = settings["data"]
-    types = sorted(metrics["control"]["per_type"])
-    out: list[Block] = [("h", "VIF demo: TinyFind, control vs VIF")]
+    arms = [a for a in ARMS if a in metrics]
+    out: list[Block] = [("h", "VIF demo: TinyFind, four arms")]
     out.append(
         (
             "p",
@@ -109,41 +122,38 @@ def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[
             f"{data['target_size']} px targets, clutter {data['clutter']}). A tiny LLaVA "
             f"({settings['num_layers']} Llama layers, hidden {settings['hidden_size']}, "
             f"{(settings['image_size'] // settings['patch_size']) ** 2} image tokens) was trained "
-            f"{metrics['steps']['base']} steps without VIF, then continued {metrics['steps']['arm']} steps "
-            "twice from that checkpoint with the same data order and learning rate: without VIF "
-            "(control) and with VIF. Scores: greedy generation, exact match. "
-            f"Seed {metrics['seed']}, {metrics['seconds']:.0f} s on {metrics['device']}.",
+            f"{metrics['steps']['base']} steps without VIF; every arm then continued {metrics['steps']['arm']} "
+            f"steps from that checkpoint with the same recipe, once per seed ({metrics['seeds']}: data order "
+            "and VIF initialisation). Scores: greedy generation, exact match. "
+            f"Data and base seed {metrics['seed']}, {metrics['seconds']:.0f} s on {metrics['device']}.",
         )
     )
-    out.append(("p", "**" + verdict(metrics) + "**"))
-    header = [
-        "arm",
-        "accuracy",
-        *types,
-        "deep-layer entropy (nats)",
-        "deep-layer visual ratio",
-        "deep attention on target",
-        "VIF map on target",
-    ]
+    for arm in arms:
+        if arm != "control":
+            out.append(("p", "**" + verdict(metrics, arm) + "**"))
+    header = ["arm", "accuracy (mean)", "per seed", "gain over control", "map on target", "map variation"]
     rows = []
-    for name, label in (("control", "control (no VIF)"), ("vif", "VIF")):
-        m = metrics[name]
+    for arm in arms:
+        m = metrics[arm]
         rows.append(
-            [label, _pct(m["accuracy"]), *(_pct(m["per_type"].get(t)) for t in types)]
-            + [_num(m["deep_entropy"]), _num(m["deep_ratio"])]
-            + [_pct(m["deep_attention_on_target"]), _pct(m["importance_on_target"])]
+            [
+                LABELS[arm],
+                _pct(m["accuracy"]),
+                " / ".join(_pct(a) for a in m["accuracy_per_seed"]),
+                "-" if arm == "control" else f"{100 * m['gain_over_control']:+.1f}",
+                _pct(m.get("importance_on_target")),
+                _num(m.get("importance_variation"), 2),
+            ]
         )
     out.append(("table", (header, rows)))
-    max_entropy = diagnostics["control"].get("max_entropy")
     out.append(
         (
             "p",
-            "Deep layers = the last half of the decoder layers; entropy of the attention over the image "
-            f"tokens (renormalised), averaged over the answer tokens' rows and the samples; uniform = "
-            f"{_num(max_entropy)}. Lower = more focused. With VIF the numbers are those of the injected "
-            "attention. 'On target' = the share of that attention (or of VIF's importance map) on the image "
-            "tokens that overlap the target's box, from the generator's metadata; an attention that ignores "
-            f"where the target is puts {_pct(metrics['on_target_if_uniform'])} there.",
+            "'Map on target' = the share of the importance map (at inference: the prior, from the question) "
+            "on the image tokens that overlap the target's box, from the generator's metadata, averaged over "
+            f"the test questions and seeds; a flat map puts {_pct(metrics['on_target_if_uniform'])} there. "
+            "'Map variation' = mean total-variation distance of a sample's map to the mean map (0: the same "
+            "map for every image).",
         )
     )
 
@@ -151,12 +161,12 @@ def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[
     for line in diagnosis(metrics):
         out.append(("p", line))
 
-    out.append(("h", "Per-layer attention on the image"))
+    out.append(("h", "Per-layer attention on the image (first seed: control and VIF)"))
     out.append(("img", ("diagnostics/attention_ratio.png", "Visual attention ratio per layer.")))
     out.append(("img", ("diagnostics/entropy.png", "Entropy of the visual attention per layer.")))
     c_rows = {r["layer"]: r for r in diagnostics["control"]["per_layer"]}
-    v_rows = {r["layer"]: r for r in diagnostics["vif"]["per_layer"]}
-    inject = set((diagnostics["vif"].get("vif") or {}).get("injection_layers", []))
+    v_rows = {r["layer"]: r for r in diagnostics.get("vif", {}).get("per_layer", [])}
+    inject = set((diagnostics.get("vif", {}).get("vif") or {}).get("injection_layers", []))
     layer_rows = []
     for layer in sorted(c_rows):
         c, v = c_rows[layer], v_rows.get(layer, {})
@@ -171,6 +181,15 @@ def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[
         )
     out.append(
         ("table", (["layer", "ratio control", "ratio VIF", "entropy control", "entropy VIF"], layer_rows))
+    )
+    max_entropy = diagnostics["control"].get("max_entropy")
+    out.append(
+        (
+            "p",
+            "Entropy of the attention over the image tokens (renormalised), averaged over the answer tokens' "
+            f"rows and the samples; uniform = {_num(max_entropy)}. With VIF the numbers are those of the "
+            "injected attention.",
+        )
     )
 
     out.append(("h", "Heatmaps"))

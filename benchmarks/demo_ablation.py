@@ -1,0 +1,111 @@
+"""Ablation of the project's VIF defaults on the demo: each new ingredient removed one at a time.
+
+Reuses a finished ``vif demo`` output folder (its data and base model) and trains extra VIF arms
+from the same base with the same seeds, recipe and data order as the demo's arms, through the
+demo's own :func:`vif.demo.pipeline.run_arm` (training, greedy-generation scoring, map on target).
+
+    .venv/bin/python benchmarks/demo_ablation.py --demo demo-out [--seeds 0 1 2] [--workers 2]
+
+Prints a table (with the command that made it) and writes ``<demo>/ablation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from vif.demo.pipeline import WIRING, ArmJob, DemoSettings, run_arm
+
+# Each variant: the project default (`compact` preset) with one ingredient set back to the paper's.
+VARIANTS: dict[str, dict] = {
+    "project default": {},
+    "- answer-evidence head (evidence_weight 0)": {"evidence_weight": 0.0},
+    "- attention centres (centers linear)": {"centers": "linear", "evidence_pool": "map"},
+    "- sigma floor in tokens (min_sigma 0.105 of the image)": {"min_sigma_unit": "image", "min_sigma": 0.105},
+    "- detached attender input": {"detach_input": False},
+    "- image embeddings in the attender": {"vision_features": "extraction"},
+    "- per-token evidence reader (pooled)": {"evidence_reader": "pooled"},
+}
+
+
+def _run(job: ArmJob) -> dict:
+    return run_arm(job, threads=1, progress=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, default=Path("demo-out"), help="a finished `vif demo` folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    args = parser.parse_args(argv)
+
+    metrics = json.loads((args.demo / "metrics.json").read_text())
+    settings = DemoSettings.full()
+    settings = replace(settings, arm_steps=metrics["steps"]["arm"], seeds=tuple(args.seeds))
+    variants = {k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}
+    out = args.demo / "ablation"
+    jobs, names = [], {}
+    for index, (name, change) in enumerate(variants.items()):
+        arm = f"ablation{index}"
+        settings.arms[arm] = {"preset": "compact", **WIRING, **change}
+        for seed in args.seeds:
+            job = ArmJob(
+                arm,
+                seed,
+                settings,
+                str(args.demo / "models" / "base"),
+                str(args.demo / "data" / "train.json"),
+                str(args.demo / "data" / "test.json"),
+                str(out),
+                "cpu",
+            )
+            jobs.append(job)
+            names[(arm, seed)] = name
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(_run, jobs))
+
+    control = metrics["control"]["accuracy_per_seed"]
+    control_by_seed = dict(zip(metrics["seeds"], control))
+    rows = []
+    for name in variants:
+        runs = [r for r in results if names[(r["arm"], r["seed"])] == name]
+        acc = [r["accuracy"] for r in runs]
+        on = [r["importance_on_target"] for r in runs]
+        gain = [r["accuracy"] - control_by_seed[r["seed"]] for r in runs if r["seed"] in control_by_seed]
+        rows.append(
+            {
+                "variant": name,
+                "accuracy": float(np.mean(acc)),
+                "accuracy_per_seed": acc,
+                "gain_over_control": float(np.mean(gain)) if gain else None,
+                "importance_on_target": float(np.mean(on)),
+                "importance_on_target_per_seed": on,
+            }
+        )
+    command = " ".join(["python", *sys.argv])
+    print(f"# {command}")
+    print(f"control: {100 * metrics['control']['accuracy']:.1f} %, seeds {args.seeds}")
+    print("| variant | accuracy (per seed) | gain over control | map on target (per seed) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        per = " / ".join(f"{100 * a:.1f}" for a in row["accuracy_per_seed"])
+        on = " / ".join(f"{100 * a:.1f}" for a in row["importance_on_target_per_seed"])
+        gain = "-" if row["gain_over_control"] is None else f"{100 * row['gain_over_control']:+.1f}"
+        print(
+            f"| {row['variant']} | {100 * row['accuracy']:.1f} ({per}) | {gain} | "
+            f"{100 * row['importance_on_target']:.1f} ({on}) |"
+        )
+    (args.demo / "ablation.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
