@@ -87,6 +87,27 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def device_arguments(recipe_deepspeed: str | None) -> dict[str, Any]:
+    """``TrainingArguments`` fields that pick the device and process-group backend.
+
+    On CPU, accelerate runs DeepSpeed (``DS_ACCELERATOR=cpu``) only with ``use_cpu`` off, and then
+    needs the backend named: without one it sets up no process group of its own and every
+    process believes it is alone (DeepSpeed then refuses the batch size).
+    """
+    from .recipe import RecipeError
+
+    if torch.cuda.is_available():
+        return {"use_cpu": False}
+    if deepspeed_requested():
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    if recipe_deepspeed is not None:
+        raise RecipeError(
+            "deepspeed: a DeepSpeed JSON in the recipe needs GPUs (torchrun); on CPU launch with "
+            "accelerate launch --config_file recipes/accelerate_zero2.yaml and DS_ACCELERATOR=cpu instead."
+        )
+    return {"use_cpu": True}
+
+
 # -----------------------------------------------------------------------------
 # 1. FSDP on CPU
 
