@@ -143,6 +143,24 @@ def enable_fsdp_on_cpu(accelerator: Any) -> bool:
     return True
 
 
+def set_fsdp_wrap_classes(plugin: Any, base: nn.Module) -> None:
+    """Names the backbone's layer classes for FSDP's transformer-based wrap policy.
+
+    accelerate takes them from the wrapped model's ``_no_split_modules``; the trainer wraps the
+    VIFModel, which has none, so without this FSDP would make the whole model one unit (and
+    gather all of it at once). The VIF module is never named: it stays in the root unit.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if (
+        plugin.auto_wrap_policy is transformer_auto_wrap_policy
+        and plugin.transformer_cls_names_to_wrap is None
+    ):
+        present = {type(m).__name__ for m in base.modules()}
+        names = getattr(base, "_no_split_modules", None) or []
+        plugin.transformer_cls_names_to_wrap = sorted(n for n in names if n in present)
+
+
 def check_fsdp_wrapping(model: nn.Module) -> None:
     """Refuses an FSDP wrap that puts part of the VIF module into its own FSDP unit.
 

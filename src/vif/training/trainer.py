@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer
+from transformers.utils import logging
 
 from . import distributed
 from .data import TrainingDataError
@@ -34,6 +35,7 @@ from .parts import TrainingModel, parameter_groups
 VIF_SUBDIR = "vif"  # VIFModel.save_pretrained folder inside every checkpoint / output dir
 RECIPE_NAME = "training_recipe.json"
 ENGINE_NAME = "engine.json"  # how the run was sharded (written at the end by process 0)
+logger = logging.get_logger(__name__)
 LOGGED_PARTS = ("lm_loss", "kl", "sparsity", "entropy", "mean_sigma")
 
 
@@ -62,7 +64,11 @@ class VIFTrainer(Trainer):
         self._part_count = 0
         self.last_parts: dict[str, float] = {}
         self.engine = distributed.engine_name(self.accelerator)
+        if self.engine == "fsdp":
+            distributed.set_fsdp_wrap_classes(self.accelerator.state.fsdp_plugin, parts.base)
         self.data_collator = _WithSampleIndex(self.data_collator)
+        self.trainable_elements = sum(p.numel() for p in parts.top.parameters() if p.requires_grad)
+        self.engine_report: dict[str, Any] = {}
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -85,6 +91,44 @@ class VIFTrainer(Trainer):
             optimizer_kwargs.pop("lr", None)  # every group has its own
             self.optimizer = optimizer_cls(groups, lr=self.lrs["lr"], **optimizer_kwargs)
         return self.optimizer
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().train(*args, **kwargs)
+        self.engine_report = self._report_engine()
+        if self.args.should_save:
+            path = Path(self.args.output_dir) / ENGINE_NAME
+            path.write_text(json.dumps(self.engine_report, indent=2) + "\n")
+        return output
+
+    def _report_engine(self) -> dict[str, Any]:
+        """How this run was sharded: the engine and the optimiser elements each process holds.
+
+        Every process calls it (the counts are gathered). A sharded engine whose processes each
+        hold the whole optimiser has silently fallen back to plain data parallelism: warned here.
+        """
+        local = distributed.optimizer_state_elements(self.optimizer)
+        counts = self.accelerator.gather(torch.tensor([local], device=self.args.device)).tolist()
+        state = self.accelerator.state
+        report: dict[str, Any] = {
+            "engine": self.engine,
+            "processes": self.args.world_size,
+            "mixed_precision": str(self.accelerator.mixed_precision),
+            "trainable_elements": self.trainable_elements,
+            "optimizer_elements_per_process": counts,
+        }
+        if self.engine == "fsdp":
+            plugin = state.fsdp_plugin
+            report["fsdp_sharding"] = getattr(plugin.sharding_strategy, "name", str(plugin.sharding_strategy))
+            report["fsdp_activation_checkpointing"] = bool(plugin.activation_checkpointing)
+        if self.engine == "deepspeed":
+            report["zero_stage"] = state.deepspeed_plugin.zero_stage
+        sharded = self.engine == "fsdp" or report.get("zero_stage", 0) >= 1
+        if sharded and len(counts) > 1 and max(counts) >= self.trainable_elements:
+            logger.warning(
+                f"{self.engine} was requested but a process holds all {self.trainable_elements} optimiser "
+                f"elements ({counts}): the optimiser state is not sharded."
+            )
+        return report
 
     def _check_fsdp(self, model: torch.nn.Module) -> None:
         distributed.check_fsdp_wrapping(model)
@@ -114,6 +158,10 @@ class VIFTrainer(Trainer):
                 distributed.sample_seeds(self.args.seed, self.state.global_step, index) if training else None
             )
             self.parts.vif._runtime.noise_seeds = seeds
+        if model.training:
+            # No KV cache in training: under FSDP's activation checkpointing the recomputed layers
+            # would append to it a second time (transformers only turns it off for its own checkpointing).
+            inputs = {**inputs, "use_cache": False}
         try:
             outputs = model(**inputs)
         except ValueError as err:  # BackboneError and the model's own input checks
