@@ -178,7 +178,9 @@ class _Runtime:
     def compute_pair(self, hidden: torch.Tensor, pair: int = 0) -> _PairResult:
         layout, config, attender = self.layout, self.config, self.attender
         batch, n_vis = layout.positions.shape
-        dtype = next(attender.parameters()).dtype
+        # (Not next(attender.parameters()): FSDP swaps the parameters for plain tensors while it recomputes
+        # checkpointed layers in backward, and this runs again there.)
+        dtype = attender.slots.dtype
         has = layout.has_image.nonzero().squeeze(-1)
         zero = hidden.new_zeros((), dtype=torch.float32)
         empty = Mixture(*(torch.zeros(0, device=hidden.device) for _ in range(3)))

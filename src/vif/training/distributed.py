@@ -11,7 +11,8 @@ without it; each is tested with two processes on CPU (tests/test_distributed.py)
    module's learning rate by name would silently give it the LLM's. :func:`canonical_name`.
 3. With FSDP's sharded state dicts the Trainer never calls ``_save``, so no VIF adapter would be
    written, and reading the live (sharded) modules gives fragments. :func:`gather_vif_state`
-   (the VIF module alone, for every checkpoint) and :func:`gather_full_state` (everything, at the end).
+   (the VIF module alone, for every checkpoint) and :func:`gather_full_state` (everything, at the
+   end); PEFT then needs :func:`unwrapped_module_names`, or it writes an empty LoRA adapter.
 4. On resume, the Trainer's FSDP route restores none of Adam's moments (it loads into a template
    taken from the fresh optimiser, which has none), without a word; the resumed run then drifts
    from the uninterrupted one. :func:`load_sharded_optimizer` reads the same files again through
@@ -27,7 +28,9 @@ handled where the output is read, in :meth:`VIFTrainer.compute_loss`.)
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +223,29 @@ def gather_full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if on_cpu and dist.get_rank() != 0:
         return {}
     return {canonical_name(k): v for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def unwrapped_module_names(peft_model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``peft_model.named_modules()`` yields names without FSDP's wrapper segments.
+
+    PEFT picks the adapter's weights out of a state dict by the names of its LoRA modules. FSDP
+    wraps each decoder layer, which puts ``_fsdp_wrapped_module.`` (and with activation
+    checkpointing ``_checkpoint_wrapped_module.``) inside those names; PEFT only strips a wrapper
+    around the whole model, matches nothing, and writes an empty adapter. The gathered state
+    dict's keys are unwrapped, so PEFT must see unwrapped module names while it saves.
+    """
+    wrapped = peft_model.named_modules
+
+    def named_modules(*args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in wrapped(*args, **kwargs):
+            yield canonical_name(name), module
+
+    peft_model.named_modules = named_modules  # this instance only, for the block
+    try:
+        yield
+    finally:
+        del peft_model.named_modules
 
 
 # -----------------------------------------------------------------------------

@@ -18,8 +18,10 @@ called from the methods below.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,10 @@ class VIFTrainer(Trainer):
         if self.engine == "fsdp":
             distributed.set_fsdp_wrap_classes(self.accelerator.state.fsdp_plugin, parts.base)
         self.data_collator = _WithSampleIndex(self.data_collator)
-        self.trainable_elements = sum(p.numel() for p in parts.top.parameters() if p.requires_grad)
+        # (ds_numel: a model loaded under DeepSpeed's ZeRO-3 init holds empty partitions)
+        self.trainable_elements = sum(
+            getattr(p, "ds_numel", p.numel()) for p in parts.top.parameters() if p.requires_grad
+        )
         self.engine_report: dict[str, Any] = {}
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -252,7 +257,9 @@ class VIFTrainer(Trainer):
             _save_vif_weights(vif_state, output_dir / VIF_SUBDIR)
         if base and parts.peft is not None:
             peft_state = {"base_model.model." + k: v for k, v in base_state.items()}
-            parts.peft.save_pretrained(output_dir, state_dict=peft_state, safe_serialization=True)
+            unwrapped = distributed.unwrapped_module_names if self.engine == "fsdp" else _no_change
+            with unwrapped(parts.peft):
+                parts.peft.save_pretrained(output_dir, state_dict=peft_state, safe_serialization=True)
         elif base and self._saves_base_weights:
             parts.base.save_pretrained(output_dir, state_dict=base_state, safe_serialization=True)
         if self.processing_class is not None:
@@ -317,6 +324,11 @@ def _save_vif_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "vif_version": "1"})
+
+
+@contextlib.contextmanager
+def _no_change(_model: torch.nn.Module) -> Iterator[None]:
+    yield
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
