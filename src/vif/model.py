@@ -178,9 +178,7 @@ class _Runtime:
     def compute_pair(self, hidden: torch.Tensor, pair: int = 0) -> _PairResult:
         layout, config, attender = self.layout, self.config, self.attender
         batch, n_vis = layout.positions.shape
-        # (Not next(attender.parameters()): FSDP swaps the parameters for plain tensors while it recomputes
-        # checkpointed layers in backward, and this runs again there.)
-        dtype = attender.slots.dtype
+        dtype = attender.slots.dtype  # (not next(parameters()): see make_extract_hook)
         has = layout.has_image.nonzero().squeeze(-1)
         zero = hidden.new_zeros((), dtype=torch.float32)
         empty = Mixture(*(torch.zeros(0, device=hidden.device) for _ in range(3)))
@@ -279,7 +277,7 @@ class _Runtime:
         """``(B_img, Nv, D)`` the LLM's input at the image tokens (detached), in the attender's dtype."""
         if self.embeddings is None:
             raise BackboneError("VIF found no LLM input embeddings; was decoder layer 0 hooked?")
-        source = self.embeddings[has].to(next(self.attender.parameters()).dtype)
+        source = self.embeddings[has].to(self.attender.slots.dtype)
         return source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
 
     def evidence_loss(
@@ -291,7 +289,7 @@ class _Runtime:
             raise BackboneError(
                 "the evidence head found no LLM input embeddings; was decoder layer 0 hooked?"
             )
-        source = source[has].detach().to(next(self.attender.parameters()).dtype)
+        source = source[has].detach().to(self.attender.slots.dtype)
         features = source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
         # End-of-turn and padding tokens follow every answer whatever the image shows: not evidence.
         content = self.answer[has] & ~torch.isin(self.labels[has], self.special_ids(source.device))
@@ -483,8 +481,10 @@ class VIFModel(nn.Module):
             def make_extract_hook(layer_idx: int):
                 def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
                     hidden = output[0] if isinstance(output, tuple) else output
-                    # A no-op unless the model is split over devices (accelerate's device_map).
-                    runtime.extract(layer_idx, hidden.to(next(attender.parameters()).device))
+                    # A no-op unless the model is split over devices (accelerate's device_map). (The
+                    # attender's `slots`, not next(parameters()): this hook runs again when a checkpointed
+                    # layer is recomputed in backward, where FSDP has swapped parameters for plain tensors.)
+                    runtime.extract(layer_idx, hidden.to(attender.slots.device))
 
                 return hook
 
@@ -496,7 +496,7 @@ class VIFModel(nn.Module):
 
                 def embeddings_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
                     hidden = args[0] if args else kwargs["hidden_states"]
-                    runtime.record_embeddings(hidden.to(next(attender.parameters()).device))
+                    runtime.record_embeddings(hidden.to(attender.slots.device))
 
                 self._handles.append(layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
             for e in sorted(set(self.config_vif.extract_layers)):
