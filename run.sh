@@ -5,7 +5,8 @@
 #   bash run.sh test [args]   - the test suite (pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
-stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)${VIF_EXTRAS:+-$VIF_EXTRAS}"
+# The stamp changes with pyproject.toml and with this script's install steps.
+stamp=".venv/.installed-$(cat pyproject.toml run.sh | sha1sum | cut -c1-12)${VIF_EXTRAS:+-$VIF_EXTRAS}"
 if [ ! -f "$stamp" ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip
@@ -15,6 +16,11 @@ if [ ! -f "$stamp" ]; then
     # lmms-eval (for the plug-in tests) WITHOUT its ~140 requirements, which include a
     # torchvision that breaks the CPU torch; what it needs is the [lmms] extra, part of [dev].
     .venv/bin/pip install -q --no-deps "lmms-eval==0.7.3"
+    # DeepSpeed, for the ZeRO-2 / ZeRO-3 tests on CPU processes (not a dependency of vif). Its
+    # setup.py imports torch, so it is built against the torch above (--no-build-isolation);
+    # DS_BUILD_OPS=0 compiles no C++ op. About 25 s.
+    .venv/bin/pip install -q setuptools wheel
+    DS_BUILD_OPS=0 .venv/bin/pip install -q --no-build-isolation "deepspeed==0.19.8"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -165,9 +165,29 @@ class Latent:
     logvar: torch.Tensor
     tokens: torch.Tensor | None = None
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
-        return self.mu + torch.exp(0.5 * self.logvar) * eps
+    def sample(
+        self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``mu + sigma * eps``; ``eps`` is ``noise`` ``(B, K, Dz)`` when given, else drawn from ``generator``."""
+        if noise is None:
+            noise = torch.randn(
+                self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype
+            )
+        return self.mu + torch.exp(0.5 * self.logvar) * noise.to(self.mu.dtype)
+
+
+def seeded_noise(seeds: list[int], stream: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Standard normal noise ``(len(seeds), *shape)``, row ``b`` a function of ``(seeds[b], stream)`` only.
+
+    Drawn in fp32 on the CPU, so a sample's noise does not depend on its batch, its process,
+    the device or the dtype (data-parallel runs then match the one-process run).
+    """
+    rows = []
+    generator = torch.Generator()
+    for seed in seeds:
+        generator.manual_seed(hash((seed, stream)) & 0x7FFF_FFFF_FFFF_FFFF)  # int-tuple hashes are stable
+        rows.append(torch.randn(shape, generator=generator))
+    return torch.stack(rows).to(device)
 
 
 def gaussian_kl(q: Latent, p: Latent) -> torch.Tensor:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers.cache_utils import StaticCache
 
 from .adapter_io import WEIGHTS_NAME, VIFLoadError, inspect_adapter, resolve_adapter
-from .attender import Latent, ProbabilisticAttender, gaussian_kl
+from .attender import Latent, ProbabilisticAttender, gaussian_kl, seeded_noise
 from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbone
 from .config import CONFIG_NAME, VIFConfig, VIFConfigError
 from .gmm import Mixture, entropy, render
@@ -102,6 +102,9 @@ class _Runtime:
         self.row_valid: torch.Tensor | None = None  # (B, total_len) bool
         self.reusing = False  # this call continues a sequence whose maps already exist
         self.row_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per call
+        # Per-sample seeds (one per batch row) for z's noise, set by the trainer for each training
+        # batch so that noise follows the sample, not the process; None: the global RNG.
+        self.noise_seeds: list[int] | None = None
 
     @property
     def materialised(self) -> bool:
@@ -170,12 +173,12 @@ class _Runtime:
             return
         for e, d in self.config.pairs:
             if e == layer_idx:
-                self.results[d] = self.compute_pair(hidden)
+                self.results[d] = self.compute_pair(hidden, d)
 
-    def compute_pair(self, hidden: torch.Tensor) -> _PairResult:
+    def compute_pair(self, hidden: torch.Tensor, pair: int = 0) -> _PairResult:
         layout, config, attender = self.layout, self.config, self.attender
         batch, n_vis = layout.positions.shape
-        dtype = next(attender.parameters()).dtype
+        dtype = attender.slots.dtype  # (not next(parameters()): see make_extract_hook)
         has = layout.has_image.nonzero().squeeze(-1)
         zero = hidden.new_zeros((), dtype=torch.float32)
         empty = Mixture(*(torch.zeros(0, device=hidden.device) for _ in range(3)))
@@ -211,10 +214,14 @@ class _Runtime:
             text_qa, mask_qa = gather_tokens(h, question | self.answer[has])
             posterior = attender.latent(attender.posterior, vision, text_qa, v_mask, mask_qa, embedded)
         use_posterior = self.training and posterior is not None
+        noise = None
+        if self.noise_seeds is not None:  # `pair` keeps the pairs' draws apart
+            rows = [self.noise_seeds[i] for i in has.tolist()]
+            noise = seeded_noise(rows, pair, tuple(prior.mu.shape[1:]), hidden.device)
         if use_posterior:
-            z, branch = posterior.sample(), posterior
+            z, branch = posterior.sample(noise=noise), posterior
         elif self.training or config.sample_at_inference:
-            z, branch = prior.sample(), prior
+            z, branch = prior.sample(noise=noise), prior
         else:
             z, branch = prior.mu, prior
         mixture = attender.decode(z, branch, coords, v_mask, floor)
@@ -270,7 +277,7 @@ class _Runtime:
         """``(B_img, Nv, D)`` the LLM's input at the image tokens (detached), in the attender's dtype."""
         if self.embeddings is None:
             raise BackboneError("VIF found no LLM input embeddings; was decoder layer 0 hooked?")
-        source = self.embeddings[has].detach().to(next(self.attender.parameters()).dtype)
+        source = self.embeddings[has].detach().to(self.attender.slots.dtype)
         return source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
 
     def evidence_loss(
@@ -282,7 +289,7 @@ class _Runtime:
             raise BackboneError(
                 "the evidence head found no LLM input embeddings; was decoder layer 0 hooked?"
             )
-        source = source[has].detach().to(next(self.attender.parameters()).dtype)
+        source = source[has].detach().to(self.attender.slots.dtype)
         features = source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
         # End-of-turn and padding tokens follow every answer whatever the image shows: not evidence.
         content = self.answer[has] & ~torch.isin(self.labels[has], self.special_ids(source.device))
@@ -452,6 +459,7 @@ class VIFModel(nn.Module):
         self._handles: list[Any] = []
         self._runtime = _Runtime(self)
         self._bind_forward_signature()  # reads the base model only
+        self.last_vif: VIFOutput | None = None  # the last forward's out.vif
         self._install()
         self.train(base_model.training)  # a fresh nn.Module starts in training mode; follow the model
 
@@ -473,8 +481,10 @@ class VIFModel(nn.Module):
             def make_extract_hook(layer_idx: int):
                 def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
                     hidden = output[0] if isinstance(output, tuple) else output
-                    # A no-op unless the model is split over devices (accelerate's device_map).
-                    runtime.extract(layer_idx, hidden.to(next(attender.parameters()).device))
+                    # A no-op unless the model is split over devices (accelerate's device_map). (The
+                    # attender's `slots`, not next(parameters()): this hook runs again when a checkpointed
+                    # layer is recomputed in backward, where FSDP has swapped parameters for plain tensors.)
+                    runtime.extract(layer_idx, hidden.to(attender.slots.device))
 
                 return hook
 
@@ -486,7 +496,7 @@ class VIFModel(nn.Module):
 
                 def embeddings_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
                     hidden = args[0] if args else kwargs["hidden_states"]
-                    runtime.record_embeddings(hidden.to(next(attender.parameters()).device))
+                    runtime.record_embeddings(hidden.to(attender.slots.device))
 
                 self._handles.append(layers[0].register_forward_pre_hook(embeddings_hook, with_kwargs=True))
             for e in sorted(set(self.config_vif.extract_layers)):
@@ -629,6 +639,9 @@ class VIFModel(nn.Module):
                 total = total + 0.0 * sum(p.sum() for p in self.vif_module.parameters()).to(total.device)
             out.loss = total
         out.vif = vif
+        # Also kept here: wrappers that rebuild the output (FSDP, accelerate's mixed-precision fp32
+        # conversion) drop the `vif` attribute, and the trainer reads the loss parts from here then.
+        self.last_vif = vif
         return out
 
     @torch.no_grad()

@@ -50,6 +50,7 @@ class CheckedDataset(torch.utils.data.Dataset):
                 "Check that the processor saved with the model is the one it was trained with, and that the "
                 "text holds no literal image-placeholder tokens."
             ) from err
+        item["index"] = i  # the trainer seeds this sample's posterior noise from it
         return item
 
 

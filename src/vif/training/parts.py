@@ -19,6 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from .distributed import canonical_name, fsdp_checkpoints_layers
 from .recipe import Recipe
 
 PROJECTOR_NAMES = ("multi_modal_projector", "visual.merger")
@@ -100,7 +101,8 @@ def build_training_model(recipe: Recipe, base: nn.Module) -> TrainingModel:
             if part_of(name) == "projector":
                 param.requires_grad_(False)
 
-    if recipe.activation_checkpointing:
+    if recipe.activation_checkpointing and not fsdp_checkpoints_layers():
+        # (With FSDP's own activation checkpointing on, FSDP wraps the same layers itself.)
         # Non-reentrant checkpointing: the VIF map computed in an extraction layer's hook flows
         # into the checkpointed injection layers as a closure, which only this variant differentiates.
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -126,6 +128,7 @@ def parameter_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = canonical_name(name)  # FSDP / DDP / DeepSpeed wrappers prefix the names
         key = "vif" if name.startswith("vif_module.") else part_of(name)
         if key == "vision":
             raise AssertionError(f"vision tower parameter {name} is trainable")
@@ -145,6 +148,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         if not param.requires_grad:
             counts["frozen"] += param.numel()
             continue
+        name = canonical_name(name)
         counts["vif" if name.startswith("vif_module.") else part_of(name)] += param.numel()
     counts["trainable"] = counts["vif"] + counts["projector"] + counts["language"] + counts["vision"]
     return counts

@@ -25,6 +25,7 @@ one ``error:`` line).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 
 from ..adapter_io import expected_shapes, inspect_adapter, resolve_adapter, saved_shapes
 from ..config import VIFConfig, VIFConfigError
+from .distributed import device_arguments
 from .recipe import Recipe, RecipeError, load_recipe
 from .rundir import VIF_SUBDIR, check_fingerprint, check_output_dir, find_resume_checkpoint
 
@@ -194,6 +196,13 @@ def precision_flags(precision: str, config: Any) -> tuple[bool, bool]:
     if precision == "auto":
         saved = checkpoint_precision(config)
         precision = saved if _unavailable(saved) is None else "fp32"
+    elif precision == "bf16" and not torch.cuda.is_available() and not _cpu_has_bf16():
+        # Asked for by name: torch's CPU autocast runs bf16 without native support too, emulated and
+        # slower than fp32 - right for exercising mixed precision on a CPU, not for speed.
+        warnings.warn(
+            "precision: bf16 on a CPU without native bfloat16 (AVX512-BF16 / AMX) is emulated: slower than fp32.",
+            stacklevel=2,
+        )
     elif (reason := _unavailable(precision)) is not None:
         raise RecipeError(f"precision: {precision} {reason}; use precision: fp32 (or auto).")
     return precision == "bf16", precision == "fp16"
@@ -228,7 +237,7 @@ def training_arguments(recipe: Recipe, bf16: bool, fp16: bool, has_eval: bool) -
         remove_unused_columns=False,  # the collator builds exactly the model's inputs
         label_names=["labels"],
         ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),
+        **device_arguments(recipe.deepspeed),  # use_cpu / ddp_backend for this machine and engine
     )
     if has_eval:
         # An eval set is for its loss: evaluate every logging_steps unless told otherwise, keep no logits.

@@ -67,12 +67,12 @@ def incomplete_reason(checkpoint: Path, recipe: Recipe) -> str | None:
     if recipe.uses_vif and not (checkpoint / VIF_SUBDIR / "vif_module.safetensors").is_file():
         return f"no {VIF_SUBDIR}/vif_module.safetensors"
     mode = recipe.trainable.mode
-    if mode == "lora" and not (checkpoint / "adapter_model.safetensors").is_file():
+    # DeepSpeed and FSDP keep the model in their own sharded files (global_step<N>/, pytorch_model_fsdp_0/).
+    sharded = any(p.name.startswith(("global_step", "pytorch_model_fsdp")) for p in checkpoint.iterdir())
+    if mode == "lora" and not (checkpoint / "adapter_model.safetensors").is_file() and not sharded:
         return "no adapter_model.safetensors"
-    if mode == "full" and not any((checkpoint / n).is_file() for n in MODEL_FILES[1:3]):
-        # DeepSpeed saves the weights in its own global_step folder instead.
-        if not any(p.name.startswith("global_step") for p in checkpoint.iterdir()):
-            return "no model weights"
+    if mode == "full" and not any((checkpoint / n).is_file() for n in MODEL_FILES[1:3]) and not sharded:
+        return "no model weights"
     return None
 
 
