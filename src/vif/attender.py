@@ -118,8 +118,9 @@ class Branch(nn.Module):
         super().__init__()
         d, dz = config.hidden_size, config.latent_size
         self.vision_in = nn.Linear(d, dz)
-        # The LLM's input at the image tokens, local to each patch (VIFConfig.vision_features).
-        self.embeddings_in = nn.Linear(d, dz) if config.vision_features == "extraction+embeddings" else None
+        # Per-patch features at the image tokens, not yet mixed by the LLM (VIFConfig.vision_features).
+        extra = config.vision_features.removeprefix("extraction").removeprefix("+")
+        self.embeddings_in = nn.Linear(config.feature_size(extra), dz) if extra else None
         self.text_in = nn.Linear(d, dz)
         n, context_norm = config.num_encoder_layers, config.attender == "vif"
         self.blocks = nn.ModuleList(
@@ -140,13 +141,13 @@ class Branch(nn.Module):
     ) -> torch.Tensor:
         """vision ``(B, Nv, D)``, text ``(B, Nt, D)`` -> encoded vision ``(B, Nv, Dz)``.
 
-        ``embeddings (B, Nv, D)``: the LLM's input at the image tokens, added to the vision stream
-        when the branch was built with ``vision_features="extraction+embeddings"``.
+        ``embeddings (B, Nv, De)``: per-patch features at the image tokens (the LLM's input or the vision
+        encoder's output), added to the vision stream when ``vision_features`` names them.
         """
         v, t = self.vision_in(vision), self.text_in(text)
         if self.embeddings_in is not None:
             if embeddings is None:
-                raise ValueError("vision_features='extraction+embeddings' needs the LLM input embeddings")
+                raise ValueError("this branch reads per-token image features (VIFConfig.vision_features)")
             v = v + self.embeddings_in(embeddings)
         for block in self.blocks:
             v, t = block(v, t, v_mask, t_mask)
@@ -209,13 +210,13 @@ class EvidenceHead(nn.Module):
     injection, which is flat until the LLM has learned to use a map (docs/demo.md).
     """
 
-    def __init__(self, hidden_size: int, reader: str = "pooled") -> None:
+    def __init__(self, feature_size: int, hidden_size: int, reader: str = "pooled") -> None:
         super().__init__()
         self.reader = reader
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = nn.LayerNorm(feature_size)
         # Two layers: whether a patch shows the answer is not a linear function of its features.
         self.proj = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+            nn.Linear(feature_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
         )
 
     def forward(
@@ -297,7 +298,11 @@ class ProbabilisticAttender(nn.Module):
         self.slot_attention = MultiHeadAttention(dz, config.num_heads)
         self.gmm = GMMHead(dz, config.min_sigma, config.centers)
         self.evidence = (
-            EvidenceHead(config.hidden_size, config.evidence_reader) if config.evidence_weight > 0 else None
+            EvidenceHead(
+                config.feature_size(config.evidence_features), config.hidden_size, config.evidence_reader
+            )
+            if config.evidence_weight > 0
+            else None
         )
         if config.init == "released":
             init_released_(self)

@@ -104,8 +104,9 @@ class VIFConfig:
     # Answer-evidence loss: the map pools per-token image features, a small head reads the answer's
     # tokens from the pooled vector through the LM's own output embeddings. 0 turns it off (paper).
     evidence_weight: float = 0.0
-    # Features the map pools for it: "embeddings", the LLM's input at the image tokens (local to each
-    # patch); "extraction", the extraction layer's hidden states (already mixed across patches).
+    # Features the map pools for it: "encoder", the vision encoder's output at each image token (before
+    # a projector into the LLM, if the backbone has one); "embeddings", the LLM's input there; both are
+    # local to their patch. "extraction": layer e's hidden states (already mixed across patches).
     evidence_features: str = "embeddings"
     # What pools the features for it: "map", the rendered Gaussian mixture; "locator", the components'
     # attention over the image tokens (centers="attention"), which reaches every token, not only those
@@ -115,8 +116,10 @@ class VIFConfig:
     # "tokens", every image token predicts the answer alone and the pool mixes their likelihoods.
     evidence_reader: str = "pooled"
     # What the attender's vision stream reads: "extraction", layer e's hidden states at the image tokens
-    # (paper); "extraction+embeddings", plus the LLM's input there (per-patch features, not yet mixed).
+    # (paper); "extraction+embeddings" / "extraction+encoder", plus the LLM's input / the vision
+    # encoder's output there (per-patch features, not yet mixed by the LLM).
     vision_features: str = "extraction"
+    encoder_size: int | None = None  # width of the vision encoder's output; filled on attach when read
     detach_input: bool = False  # the attender reads detached hidden states: its losses never reach the LLM
     # "attender": the map VIF learns; "boxes": a ground-truth map, uniform over the image tokens that
     # overlap each sample's `evidence_box` (an upper bound for experiments; needs boxes at inference).
@@ -149,11 +152,11 @@ class VIFConfig:
             "loss_pairs": ("all", "first"),
             "centers": ("linear", "attention"),
             "min_sigma_unit": ("image", "token"),
-            "evidence_features": ("embeddings", "extraction"),
+            "evidence_features": ("embeddings", "encoder", "extraction"),
             "map_source": ("attender", "boxes"),
             "evidence_pool": ("map", "locator"),
             "evidence_reader": ("pooled", "tokens"),
-            "vision_features": ("extraction", "extraction+embeddings"),
+            "vision_features": ("extraction", "extraction+embeddings", "extraction+encoder"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -204,6 +207,24 @@ class VIFConfig:
         for name in ("kl_weight", "sparsity_weight", "entropy_weight", "volume_weight", "evidence_weight"):
             if getattr(self, name) < 0:
                 raise VIFConfigError(f"VIFConfig.{name} must be >= 0, got {getattr(self, name)}.")
+
+    @property
+    def token_sources(self) -> set[str]:
+        """Which per-token image features besides layer e the attender reads: "embeddings", "encoder"."""
+        sources = {self.vision_features.removeprefix("extraction").removeprefix("+")} - {""}
+        if self.evidence_weight > 0 and self.evidence_features != "extraction":
+            sources.add(self.evidence_features)
+        return sources
+
+    def feature_size(self, source: str) -> int:
+        """Width of a per-token feature source ("embeddings" / "extraction": the LLM's, "encoder")."""
+        size = self.encoder_size if source == "encoder" else self.hidden_size
+        if size is None:
+            raise VIFConfigError(
+                f"VIFConfig.{'encoder_size' if source == 'encoder' else 'hidden_size'} is unset; attach the "
+                "config to its model (vif.attach) or build it with VIFConfig.preset(name, model)."
+            )
+        return size
 
     @property
     def pairs(self) -> list[tuple[int, int]]:

@@ -59,6 +59,12 @@ class GMMHead(nn.Module):
         else:
             self.center_query = nn.Linear(latent_size, latent_size)
             self.center_key = nn.Linear(latent_size, latent_size)
+            # How much each token stands out, whatever the slot: a dot product with one query can
+            # only pick one direction of the feature space, so "any small saturated object" needs
+            # a nonlinear score of its own.
+            self.center_salience = nn.Sequential(
+                nn.Linear(latent_size, latent_size), nn.GELU(), nn.Linear(latent_size, 1)
+            )
         self.spread = nn.Linear(latent_size, 1)
         self.logit = nn.Linear(latent_size, 1)
         self.reset_parameters()
@@ -95,6 +101,7 @@ class GMMHead(nn.Module):
                 raise ValueError("centers='attention' needs the encoded image tokens, their coords and mask")
             scale = z.shape[-1] ** -0.5
             scores = torch.einsum("bkc,bnc->bkn", self.center_query(z), self.center_key(tokens)) * scale
+            scores = scores + self.center_salience(tokens).squeeze(-1)[:, None, :]
             scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
             locator = torch.softmax(scores, dim=-1)
             centers = torch.einsum("bkn,bnd->bkd", locator, coords.float()).to(z.dtype)

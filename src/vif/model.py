@@ -97,7 +97,8 @@ class _Runtime:
         self.question: torch.Tensor | None = None  # (B, L) bool
         self.answer: torch.Tensor | None = None  # (B, L) bool, None without labels
         self.labels: torch.Tensor | None = None  # (B, L) the forward's labels
-        self.embeddings: torch.Tensor | None = None  # (B, L, D) the LLM's input, for the evidence head
+        self.embeddings: torch.Tensor | None = None  # (B, L, D) the LLM's input (VIFConfig.token_sources)
+        self.encoder: torch.Tensor | None = None  # (n_image_tokens, Dv) the vision encoder's output
         self.boxes: torch.Tensor | None = None  # (B, 4) evidence boxes of this call (map_source="boxes")
         self.row_valid: torch.Tensor | None = None  # (B, total_len) bool
         self.reusing = False  # this call continues a sequence whose maps already exist
@@ -163,9 +164,14 @@ class _Runtime:
 
     # ---------------------------------------------------------------- extraction
     def record_embeddings(self, hidden: torch.Tensor) -> None:
-        """Keeps the LLM's input ``(B, L, D)`` (image features at the image tokens) for the evidence head."""
+        """Keeps the LLM's input ``(B, L, D)`` (image features at the image tokens)."""
         if self.enabled and not self.reusing and self.layout is not None:
             self.embeddings = hidden.detach()
+
+    def record_encoder(self, features: torch.Tensor) -> None:
+        """Keeps the vision encoder's output, one row per image token in their order ``(..., Dv)``."""
+        if self.enabled and not self.reusing:
+            self.encoder = features.detach().reshape(-1, features.shape[-1])
 
     def extract(self, layer_idx: int, hidden: torch.Tensor) -> None:
         """Runs the attender for every pair that extracts at ``layer_idx``; hidden ``(B, L, D)``."""
@@ -198,8 +204,8 @@ class _Runtime:
         floor = self.sigma_floor(has)
         vision = h.gather(1, vis_pos[..., None].expand(-1, -1, h.shape[-1]))
         embedded = None
-        if config.vision_features == "extraction+embeddings":
-            embedded = self.image_embeddings(has, vis_pos)
+        if config.vision_features != "extraction":
+            embedded = self.token_features(config.vision_features.removeprefix("extraction+"), has, vis_pos)
         question = self.question[has]
         text_q, mask_q = gather_tokens(h, question)
 
@@ -273,26 +279,39 @@ class _Runtime:
             return torch.einsum("bk,bkn->bn", mixture.weights.float(), mixture.locator)
         return render(mixture, coords, valid, self.config.normalisation)
 
-    def image_embeddings(self, has: torch.Tensor, vis_pos: torch.Tensor) -> torch.Tensor:
-        """``(B_img, Nv, D)`` the LLM's input at the image tokens (detached), in the attender's dtype."""
-        if self.embeddings is None:
+    def token_features(
+        self, source: str, has: torch.Tensor, vis_pos: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(B_img, Nv, size)`` detached per-token image features, in the attender's dtype.
+
+        ``source``: "embeddings" (the LLM's input), "encoder" (the vision encoder's output) or
+        "extraction" (``hidden``, layer e's output). Entries past a sample's image tokens are 0.
+        """
+        dtype = self.attender.slots.dtype
+        if source == "encoder" and self.backbone.vision_encoder_output() is None:
+            source = "embeddings"  # the LLM's input is the vision encoder's output (no projector)
+        if source == "encoder":
+            if self.encoder is None or self.encoder.shape[0] != int(self.layout.valid.sum()):
+                raise BackboneError(
+                    "VIF did not see the vision encoder's output for this batch's images; pass pixel_values "
+                    "with the prompt (the encoder runs in the same forward)."
+                )
+            out = self.encoder.new_zeros(*self.layout.valid.shape, self.encoder.shape[-1])
+            out[self.layout.valid] = self.encoder.to(out.device)
+            return out[has].to(dtype)
+        full = hidden if source == "extraction" else self.embeddings
+        if full is None:
             raise BackboneError("VIF found no LLM input embeddings; was decoder layer 0 hooked?")
-        source = self.embeddings[has].detach().to(self.attender.slots.dtype)
-        return source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
+        full = full[has].detach().to(dtype)
+        return full.gather(1, vis_pos[..., None].expand(-1, -1, full.shape[-1]))
 
     def evidence_loss(
         self, pi: torch.Tensor, hidden: torch.Tensor, has: torch.Tensor, vis_pos: torch.Tensor
     ) -> torch.Tensor:
         """The answer-evidence loss of one map ``pi (B_img, Nv)`` (see :class:`~vif.attender.EvidenceHead`)."""
-        source = self.embeddings if self.config.evidence_features == "embeddings" else hidden
-        if source is None:
-            raise BackboneError(
-                "the evidence head found no LLM input embeddings; was decoder layer 0 hooked?"
-            )
-        source = source[has].detach().to(self.attender.slots.dtype)
-        features = source.gather(1, vis_pos[..., None].expand(-1, -1, source.shape[-1]))
+        features = self.token_features(self.config.evidence_features, has, vis_pos, hidden)
         # End-of-turn and padding tokens follow every answer whatever the image shows: not evidence.
-        content = self.answer[has] & ~torch.isin(self.labels[has], self.special_ids(source.device))
+        content = self.answer[has] & ~torch.isin(self.labels[has], self.special_ids(features.device))
         answers, has_answer = gather_tokens(self.labels[has][..., None], content)
         answers = answers.squeeze(-1).masked_fill(~has_answer, IGNORE_INDEX)
         readout = self.base_model.get_output_embeddings().weight.detach()
@@ -433,6 +452,8 @@ class VIFModel(nn.Module):
                 f"VIFConfig.hidden_size={config.hidden_size} but the language model's hidden size is {hidden}; "
                 "build the config for this model with VIFConfig.preset(name, model)."
             )
+        if "encoder" in config.token_sources and config.encoder_size is None:
+            config = VIFConfig.from_dict({**config.to_dict(), "encoder_size": self._encoder_size(hidden)})
         config.validate(num_layers=depth)
         base_attn = text_config._attn_implementation or "eager"
         if base_attn.startswith("vif_"):
@@ -463,6 +484,13 @@ class VIFModel(nn.Module):
         self._install()
         self.train(base_model.training)  # a fresh nn.Module starts in training mode; follow the model
 
+    def _encoder_size(self, hidden: int) -> int:
+        """Width of the vision encoder's output (``hidden`` when the LLM's input is that output)."""
+        module = self.backbone.vision_encoder_output()
+        if module is None:
+            return hidden
+        return next(m.in_features for m in module.modules() if isinstance(m, nn.Linear))
+
     # ---------------------------------------------------------------- wiring
     def _install(self) -> None:
         """Adds the hooks, the plan attributes and the VIF attention backend; all or nothing."""
@@ -491,8 +519,15 @@ class VIFModel(nn.Module):
             self.base_model._vif_attached = True
             self._handles.append(self.base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))
             config = self.config_vif
-            evidence_reads = config.evidence_weight > 0 and config.evidence_features == "embeddings"
-            if evidence_reads or config.vision_features == "extraction+embeddings":
+            sources = config.token_sources
+            encoder = self.backbone.vision_encoder_output() if "encoder" in sources else None
+            if encoder is not None:
+
+                def encoder_hook(_module: nn.Module, args: tuple) -> None:
+                    runtime.record_encoder(args[0].to(attender.slots.device))
+
+                self._handles.append(encoder.register_forward_pre_hook(encoder_hook))
+            if "embeddings" in sources or ("encoder" in sources and encoder is None):
 
                 def embeddings_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
                     hidden = args[0] if args else kwargs["hidden_states"]

@@ -122,6 +122,12 @@ class BackboneAdapter:
     def text_config(self) -> Any:
         return self.model.config.text_config
 
+    def vision_encoder_output(self) -> nn.Module | None:
+        """The module whose forward's first input is the vision encoder's output, one row per image
+        token in the order of the image tokens (``(..., Dv)``); None when the LLM's input
+        embeddings at the image tokens are that output already (no separate projector)."""
+        return None
+
     # 2. where the image tokens are ----------------------------------------------
     def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
         """``(B, L)`` bool, True at image-token positions of ``inputs["input_ids"]``."""

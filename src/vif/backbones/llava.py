@@ -23,6 +23,10 @@ class LlavaAdapter(BackboneAdapter):
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.language_model.layers
 
+    def vision_encoder_output(self) -> nn.Module:
+        # The projector reads the CLIP features of every image token (CLS dropped), image by image.
+        return self.model.model.multi_modal_projector
+
     def grid(self) -> tuple[int, int]:
         config = self.model.config
         if config.vision_feature_select_strategy != "default":
