@@ -1,7 +1,10 @@
 """VIFModel on a tiny LLaVA: exactness, plug-and-play, generation, save/load, errors."""
 
+import copy
+
 import pytest
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 import vif
 from vif.testing import llava_batch, tiny_llava
@@ -26,10 +29,11 @@ def real(batch):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_fused_equals_materialised_logits_and_gradients(padding_side):
+@pytest.mark.parametrize("inject_rows", ["text", "all"])  # "all": Full-Seq, rows inside the images too
+def test_fused_equals_materialised_logits_and_gradients(padding_side, inject_rows):
     model = tiny_llava()
     batch = llava_batch(model, MIXED, padding_side=padding_side, with_labels=True)
-    vmodel = vif.attach(model, paper(model)).train()
+    vmodel = vif.attach(model, paper(model, inject_rows=inject_rows)).train()
     results = {}
     for path in ("fused", "materialised"):
         vmodel.config_vif.injection = path
@@ -46,6 +50,10 @@ def test_fused_equals_materialised_logits_and_gradients(padding_side):
     assert any(n.startswith("vif_module.") for n in gf) and any("language_model" in n for n in gf)
     for name in gf:
         assert torch.allclose(gf[name], gm[name], atol=1e-5, rtol=1e-4), name
+    with torch.no_grad():  # without autograd the fused blend runs in place, from its first changed row
+        vmodel.config_vif.injection = "fused"
+        torch.manual_seed(0)
+        assert torch.allclose(vmodel(**batch).logits[real(batch)], lm[real(batch)], atol=1e-5)
 
 
 def test_vif_changes_samples_with_images_only():
@@ -112,6 +120,62 @@ def test_generate_cache_and_no_cache_and_batch_vs_single():
         first_image += n_images
         alone = vmodel.generate(**single, **kwargs)
         assert torch.equal(alone[0, -6:], cached[i, -6:]), i
+
+
+def test_cached_decode_follows_beam_reordering_of_the_cache():
+    """Beam search moves cache rows (``reorder_cache``); the prompt's maps and kept image sums move with them."""
+    model = tiny_llava()
+    batch = llava_batch(model, MIXED, padding_side="left")
+    vmodel = vif.attach(model, paper(model))
+    order = torch.tensor([2, 0, 1])  # images: sample 0 has image 0, sample 2 images 1 and 2
+    reordered = {
+        "input_ids": batch["input_ids"][order],
+        "attention_mask": batch["attention_mask"][order],
+        "pixel_values": batch["pixel_values"][[1, 2, 0]],
+    }
+    step = torch.tensor([[5], [6], [7]])
+    mask = torch.cat([reordered["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        prompt_cache = DynamicCache()
+        vmodel(**batch, cache=prompt_cache)
+        keys = prompt_cache.layers[0].keys.clone()
+        cache = copy.deepcopy(prompt_cache)  # a reused prompt cache: the copy carries VIF's tag
+        cache.reorder_cache(order)
+        assert torch.equal(prompt_cache.layers[0].keys, keys)  # the copy reorders itself only
+        moved = vmodel(input_ids=step, attention_mask=mask, cache=cache).logits[:, -1]
+        fresh = DynamicCache()
+        vmodel(**reordered, cache=fresh)
+        reference = vmodel(input_ids=step, attention_mask=mask, cache=fresh).logits[:, -1]
+    assert torch.allclose(moved, reference, atol=1e-5)
+
+
+def test_caches_vif_cannot_trust_are_refused():
+    model = tiny_llava()
+    batch = llava_batch(model, MIXED[:1])
+    vmodel = vif.attach(model, paper(model))
+    sliding = DynamicCache()
+    sliding.layers = [DynamicSlidingWindowLayer(sliding_window=4) for _ in range(8)]
+    offloaded = DynamicCache(offloading=True)
+    plain = Cache(layers=[DynamicLayer() for _ in range(8)])
+    with torch.no_grad():
+        for cache, message in (
+            (sliding, "DynamicSlidingWindowLayer"),
+            (offloaded, "offloaded"),
+            (plain, "got a Cache"),
+        ):
+            with pytest.raises(vif.BackboneError, match=message):
+                vmodel(**batch, cache=cache)
+        cache = DynamicCache()
+        vmodel(**batch, cache=cache)
+        with pytest.raises(vif.BackboneError, match="batch size 2"):
+            vmodel(input_ids=torch.tensor([[5], [5]]), cache=cache)
+        cache.crop(-5)  # into the prompt: the kept image sums no longer describe the cache
+        with pytest.raises(vif.BackboneError, match="cropped into the prompt"):
+            vmodel(input_ids=torch.tensor([[5]]), cache=cache)
+        other = DynamicCache()
+        vmodel(**batch, cache=other)  # a new prompt: `cache` holds an older one
+        with pytest.raises(vif.BackboneError, match="different KV cache"):
+            vmodel(input_ids=torch.tensor([[5]]), cache=cache)
 
 
 def test_inject_decode_option_changes_only_generated_rows():

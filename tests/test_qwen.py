@@ -57,10 +57,11 @@ def without(batch, *keys):
 
 # ---------------------------------------------------------------------- exactness
 @family
-def test_fused_equals_materialised_and_eager_logits_and_gradients(family):
+@pytest.mark.parametrize("inject_rows", ["text", "all"])  # sample 0's text between its images; Full-Seq
+def test_fused_equals_materialised_and_eager_logits_and_gradients(family, inject_rows):
     model = tiny_qwen(family)
     batch = qwen_batch(model, MIXED, with_labels=True)
-    vmodel = vif.attach(model, paper(model)).train()
+    vmodel = vif.attach(model, paper(model, inject_rows=inject_rows)).train()
     results = {}
     for path in ("fused", "materialised"):
         vmodel.config_vif.injection = path
@@ -80,7 +81,7 @@ def test_fused_equals_materialised_and_eager_logits_and_gradients(family):
 
     # The same weights on an eager base take the materialised path and return A'.
     eager = tiny_qwen(family, attn_implementation="eager")
-    veager = vif.attach(eager, paper(eager)).train()
+    veager = vif.attach(eager, paper(eager, inject_rows=inject_rows)).train()
     veager.vif_module.load_state_dict(vmodel.vif_module.state_dict())
     torch.manual_seed(0)
     out = veager(**batch, output_attentions=True)

@@ -11,13 +11,19 @@ Two ways to compute it:
 * :func:`fused_correction` - the exact closed form on top of any base backend's output
   ``O = A V``::
 
-      O'_i = ((1 - alpha) O_i + alpha * sum_{j in V, j visible to i} pi_j V_j) / ((1 - alpha) + alpha m_i)
+      O'_i = ((1 - alpha) O_i + alpha C_i) / ((1 - alpha) + alpha m_i),   C_i = sum_{j in V, j <= i} pi_j V_j
 
-  where ``m_i`` is the pi-mass visible to row ``i``. Image tokens are visible to a row
-  exactly when they precede it (they are never padding), so the visible sums are
-  prefix sums along the kv axis of ``pi_j V_j`` at prefill, and one matrix-vector product
-  over the cached values of the image span when decoding (``O(n_vision x head_dim)`` per
-  KV head for one image per sample); never a ``(q_len x kv_len)`` matrix.
+  with ``m_i`` the pi-mass row ``i`` sees. Image tokens are visible to a row exactly
+  when they precede it (they are never padding), so a row after every image token of
+  its sample sees the whole map: ``C_i = c = sum_j pi_j V_j``, one weighted sum over the
+  image span per sample and KV head, ``O(n_vision x d)``. Only rows that sit inside or
+  between images (several images in one sample, or the Full-Seq ablation) need partial
+  sums: prefix sums over the image span. While decoding, the image values in the KV
+  cache never change, so ``c`` is a constant of the prompt: it is kept from the
+  prefill (:class:`ImageSum`) and each new token costs one blend per head. The blend
+  is written as ``lerp(O_i, c / m, w_i)`` with ``w_i = alpha m_i / ((1 - alpha) + alpha m_i)``:
+  one pass over the output, GQA by broadcasting, and ``w_i = 0`` (rows not injected)
+  returns ``O_i`` bit for bit.
 * :func:`materialised_attention` - the obviously correct reference that builds ``A``,
   mixes, masks and renormalises it, and returns ``A'`` as the attention weights.
 
@@ -29,7 +35,7 @@ up the :class:`InjectionPlan` for the calling layer on the attention module itse
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -46,17 +52,56 @@ PROBE_ATTRIBUTE = "_vif_probe"
 
 
 @dataclass
+class ImageSum:
+    """What a row after every image token needs, kept from the prompt for the decode steps.
+
+    Empty until the layer's first fused call of a prompt fills it. The image values in
+    the KV cache never change while decoding, so neither does this.
+
+    mean: ``(B, 1, Hkv, 1, d)`` in the output dtype: ``c / m``, the pi-weighted mean of the
+        image values (0 for samples without an image).
+    weight: ``(B, 1)`` in the output dtype: the blend weight ``alpha m / ((1 - alpha) + alpha m)``.
+    alpha: the alpha it was computed with.
+    """
+
+    mean: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    alpha: float | None = None
+
+    def usable(self, batch: int, alpha: float, dtype: torch.dtype) -> bool:
+        return (
+            self.mean is not None
+            and self.alpha == alpha
+            and self.mean.shape[0] == batch
+            and self.mean.dtype == dtype
+        )
+
+    def select(self, index: torch.Tensor) -> None:
+        """Follows a reordering of the batch rows (beam search): row ``r`` becomes old row ``index[r]``."""
+        if self.mean is not None:
+            self.mean = self.mean.index_select(0, index.to(self.mean.device))
+            self.weight = self.weight.index_select(0, index.to(self.weight.device))
+
+
+@dataclass
 class InjectionPlan:
     """What one injected layer needs for one attention call.
 
     pi: ``(B, Nv)`` float32 importance per image token, 0 on padding entries.
     positions: ``(B, Nv)`` sequence (= kv-slot) index of each image token, ascending,
-        padding entries past every row.
+        padding entries after the sample's real ones.
     rows: ``(B, q_len)`` sequence index of each query row.
     inject: ``(B, q_len)`` bool, rows that receive the map.
     alpha: mixing weight.
-    span: ``(first, end)`` kv slots holding every image token of the batch (``None``: all
-        slots). Known once per prompt, it lets the fused path read only those values.
+    span: ``(first, end)`` kv slots holding every image token of the batch. ``None``:
+        derived from ``positions`` (entries ``>= kv_len`` are padding; one host sync).
+    window: ``(lo, hi)`` the rows (kv slots) that may see only part of the map of their
+        sample: injected rows inside or between images. ``None``: every row inside the
+        span (always correct); an empty range: none (one image per sample, text rows).
+    state: where the layer keeps :class:`ImageSum` from the prompt for its decode steps
+        (``None``: recomputed from the cached image values on every call).
+    rows_from: no row before this kv slot is changed (none is injected where it sees
+        any of the map), so the blend can start there; 0 is always correct.
     """
 
     pi: torch.Tensor
@@ -65,6 +110,9 @@ class InjectionPlan:
     inject: torch.Tensor
     alpha: float
     span: tuple[int, int] | None = None
+    window: tuple[int, int] | None = None
+    state: ImageSum | None = field(default=None, repr=False)
+    rows_from: int = 0
 
 
 class PlanSource(Protocol):
@@ -76,45 +124,105 @@ class PlanSource(Protocol):
 
 
 # --------------------------------------------------------------------------- the math
-def fused_correction(out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan) -> torch.Tensor:
+def fused_correction(
+    out: torch.Tensor, value: torch.Tensor, plan: InjectionPlan, inplace: bool = False
+) -> torch.Tensor:
     """Applies the closed form to a base backend's output.
 
-    Extra work per KV head: a prefix sum of ``pi_j V_j`` along the kv axis at prefill; when
-    decoding, one matrix-vector product over the cached values of the image span
-    ``plan.span`` (``O(n_vision x head_dim)`` for one image per sample).
+    Extra work per layer: at prefill one weighted sum of the image span's values per
+    sample and KV head (``O(n_vision x d)``; prefix sums over the span only when
+    ``plan.window`` holds rows), then one blend pass over the output. When decoding,
+    with ``plan.state`` filled by the prefill, only the blend: the cache is not read.
 
     Args:
         out: ``(B, q_len, Hq, d)`` the base attention output ``O``.
         value: ``(B, Hkv, kv_len, d)`` values after the cache update (GQA not expanded).
         plan: the layer's :class:`InjectionPlan`; its rows must be the last ``q_len`` kv
             slots (true for every call with a dynamic cache, prefill or decode).
+        inplace: blend into ``out`` itself, from row ``plan.rows_from`` on (no copy of
+            the output; only where no gradient flows through ``out``).
 
     Returns:
         ``(B, q_len, Hq, d)`` in ``out``'s dtype; rows not injected are returned bit-exact.
     """
     batch, hkv, kv_len, dim = value.shape
-    q_len, hq = out.shape[1], out.shape[2]
-    acc = torch.promote_types(out.dtype, torch.float32)  # accumulate half precision in fp32
+    q_len = out.shape[1]
+    first_row = kv_len - q_len
+    first, end = plan.span if plan.span is not None else _derived_span(plan.positions, kv_len)
+    end = min(end, kv_len)
+    if end <= first:  # no image token in these slots
+        return out
+    lo, hi = plan.window if plan.window is not None else (first, end - 1)
+    lo, hi = max(lo, first_row, first), min(hi, kv_len, end)  # window rows in this call
+    state = plan.state
     alpha = plan.alpha
-    if q_len == 1:
-        # Decoding: the new row sits after every image token, so it sees the whole map; only
-        # the cached values of the image span are read.
-        first, end = plan.span if plan.span is not None else (0, kv_len)
-        pi_span = spread(plan, first, min(end, kv_len), acc)  # (B, S)
-        mass = pi_span.sum(-1, keepdim=True)  # (B, 1)
-        mixed_v = torch.matmul(pi_span[:, None, None, :], value[:, :, first:end].to(acc))  # (B, Hkv, 1, d)
-    else:
-        # Prefill: row i (kv slot kv_len - q_len + i) sees the slots up to its own, so the
-        # pi-weighted value sums it needs are prefix sums along the kv axis.
-        pi_kv = spread(plan, 0, kv_len, acc)  # (B, kv)
-        mass = pi_kv.cumsum(-1)[:, kv_len - q_len :]  # (B, q)
-        mixed_v = (pi_kv[:, None, :, None] * value.to(acc)).cumsum(2)[:, :, kv_len - q_len :]
+    out5 = out.unflatten(2, (hkv, out.shape[2] // hkv))  # (B, q, Hkv, G, d): GQA by broadcasting
 
-    mixed_v = mixed_v.repeat_interleave(hq // hkv, dim=1).transpose(1, 2)  # (B, q, Hq, d)
-    denom = ((1.0 - alpha) + alpha * mass)[:, :, None, None]
-    new = ((1.0 - alpha) * out.to(acc) + alpha * mixed_v) / denom
-    inject = (plan.inject & (mass > 0))[:, :, None, None]
-    return torch.where(inject, new.to(out.dtype), out)
+    if first_row >= end and state is not None and state.usable(batch, alpha, out.dtype):
+        # Decoding: every row follows every image token; the prompt's sum is all it needs.
+        weight = plan.inject * state.weight  # (B, q); 0 on rows not injected
+        return _blend(out5, state.mean, weight, inplace, 0).flatten(2, 3)
+
+    pi_span = spread(plan, first, end, value.dtype)  # (B, n) on the span's slots
+    span_values = value[:, :, first:end]  # (B, Hkv, n, d), a view
+    acc = torch.promote_types(value.dtype, torch.float32)
+    prefix = None
+    if hi > lo:
+        # Rows inside / between images: prefix sums over the span (fp32 for half precision).
+        prefix = (pi_span.to(acc)[:, None, :, None] * span_values.to(acc)).cumsum(2)  # (B, Hkv, n, d)
+        image_sum = prefix[:, :, -1]
+    else:
+        image_sum = torch.matmul(pi_span[:, None, None, :], span_values).squeeze(2).to(acc)  # (B, Hkv, d)
+    mass = pi_span.to(acc).sum(-1)  # (B,)
+    mean = (image_sum / mass.clamp_min(torch.finfo(acc).tiny)[:, None, None]).to(out.dtype)[:, None, :, None]
+    full_weight = blend_weight(mass[:, None], alpha).to(out.dtype)  # (B, 1)
+    if state is not None:
+        state.mean, state.weight, state.alpha = mean.detach(), full_weight.detach(), alpha
+
+    # Rows before the sample's first image token see none of the map, rows after its last
+    # see all of it; rows in the window are blended below from their own prefix sums.
+    sees_all = plan.rows >= plan.positions[:, :1]  # (B, q)
+    if hi > lo:
+        sees_all[:, lo - first_row : hi - first_row] = False
+    skip = min(max(plan.rows_from - first_row, 0), q_len)  # leading rows no weight reaches
+    new = _blend(out5, mean, (plan.inject & sees_all) * full_weight, inplace, skip)
+    if hi > lo:
+        rows = slice(lo - first_row, hi - first_row)
+        part_mass = pi_span.to(acc).cumsum(-1)[:, lo - first : hi - first]  # (B, w)
+        part_sum = prefix[:, :, lo - first : hi - first].transpose(1, 2)[:, :, :, None]  # (B, w, Hkv, 1, d)
+        part_mean = part_sum / part_mass.clamp_min(torch.finfo(acc).tiny)[..., None, None, None]
+        part_weight = plan.inject[:, rows] * blend_weight(part_mass, alpha)
+        # The main blend left these rows untouched (weight 0); `new` is fresh or `out` itself.
+        new[:, rows] = _blend(out5[:, rows], part_mean.to(out.dtype), part_weight.to(out.dtype), False, 0)
+    return new.flatten(2, 3)
+
+
+def blend_weight(mass: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha m / ((1 - alpha) + alpha m)``: the share of ``c / m`` in an injected row (0 where ``m = 0``)."""
+    return alpha * mass / ((1.0 - alpha) + alpha * mass).clamp_min(torch.finfo(mass.dtype).tiny)
+
+
+def _blend(
+    out5: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor, inplace: bool, skip: int
+) -> torch.Tensor:
+    """``out5 + weight * (mean - out5)`` in one pass; out5 ``(B, q, Hkv, G, d)``, weight ``(B, q)``.
+
+    In place, the first ``skip`` rows (weight 0 there) are not touched at all.
+    """
+    weight = weight[:, :, None, None, None]
+    if inplace:
+        out5[:, skip:].lerp_(mean, weight[:, skip:])
+        return out5
+    return torch.lerp(out5, mean, weight)
+
+
+def _derived_span(positions: torch.Tensor, kv_len: int) -> tuple[int, int]:
+    """``(first, end)`` kv slots of the image tokens (entries ``>= kv_len`` are padding); one host sync."""
+    real = positions[positions < kv_len]
+    if real.numel() == 0:
+        return 0, 0
+    first, last = torch.stack([real.min(), real.max()]).tolist()
+    return first, last + 1
 
 
 def spread(plan: InjectionPlan, first: int, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -220,7 +328,8 @@ def _make_attention(base: str) -> AttentionFn:
                 dropout=kwargs.get("dropout", 0.0),
             )
         out, weights = base_fn(module, query, key, value, attention_mask, **kwargs)
-        return fused_correction(out, value, plan), weights
+        # Without autograd the blend goes into the backend's fresh output: no copy of it.
+        return fused_correction(out, value, plan, inplace=not torch.is_grad_enabled()), weights
 
     attention.__name__ = f"{vif_name(base)}_attention_forward"
     return attention

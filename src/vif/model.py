@@ -17,9 +17,12 @@ hooked modules of *this* model only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import itertools
 import json
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +31,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers.cache_utils import StaticCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 
 from .adapter_io import WEIGHTS_NAME, VIFLoadError, inspect_adapter, resolve_adapter
 from .attender import Latent, ProbabilisticAttender, gaussian_kl, seeded_noise
 from .backbones import BackboneAdapter, BackboneError, VisionLayout, get_backbone
 from .config import CONFIG_NAME, VIFConfig, VIFConfigError
 from .gmm import Mixture, entropy, render
-from .injection import BASE_BACKENDS, PLAN_ATTRIBUTE, InjectionPlan, register_attention_functions, vif_name
+from .injection import (
+    BASE_BACKENDS,
+    PLAN_ATTRIBUTE,
+    ImageSum,
+    InjectionPlan,
+    register_attention_functions,
+    vif_name,
+)
 from .placement import execution_device, input_device
 
 IGNORE_INDEX = -100
@@ -102,7 +112,10 @@ class _Runtime:
         self.boxes: torch.Tensor | None = None  # (B, 4) evidence boxes of this call (map_source="boxes")
         self.row_valid: torch.Tensor | None = None  # (B, total_len) bool
         self.reusing = False  # this call continues a sequence whose maps already exist
-        self.row_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per call
+        self.row_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}  # per call
+        self.streams: _AttenderStreams | None = None  # per prompt: where the attender's inputs are
+        self.image_sums: dict[int, ImageSum] = {}  # per prompt, by injection layer: c for the decode steps
+        self.prompt_tag: int | None = None  # tag of the KV cache this prompt's state belongs to
         # Per-sample seeds (one per batch row) for z's noise, set by the trainer for each training
         # batch so that noise follows the sample, not the process; None: the global RNG.
         self.noise_seeds: list[int] | None = None
@@ -119,11 +132,7 @@ class _Runtime:
         past = inputs.get("cache")
         if past is None:
             past = inputs.get("past_key_values")
-        if isinstance(past, StaticCache):
-            raise BackboneError(
-                "VIF needs the dynamic KV cache (query positions are read from the cache length); "
-                "generate without cache_implementation='static'."
-            )
+        check_cache(past, self.config.inject_layers)
         past_len = past.get_seq_length() if past is not None else 0
         input_ids = inputs.get("input_ids")
         if input_ids is None:
@@ -148,9 +157,12 @@ class _Runtime:
                     "this call continues a cached sequence but no prompt was seen first; run the prompt "
                     "through the model (or use VIFModel.generate) before decoding with past_key_values."
                 )
+            self.check_continuation(past, past_len, input_ids)
             return
         self.layout = self.backbone.vision_layout(inputs, self.config.grid_coords)
         self.results = {}
+        self.image_sums = {}
+        self.follow_row_changes(past)
         length = input_ids.shape[1]
         vision = self.layout.token_mask(length)
         valid = self.row_valid[:, -length:]
@@ -159,6 +171,7 @@ class _Runtime:
         if labels is not None:
             self.answer = (labels != IGNORE_INDEX) & valid & ~vision
         self.question = valid & ~vision & (~self.answer if self.answer is not None else True)
+        self.streams = _AttenderStreams.build(self.layout, self.question, self.answer)
         if self.in_generation:
             self.maps_frozen = True  # later steps of this generate() reuse the prompt's maps
 
@@ -174,20 +187,68 @@ class _Runtime:
             self.encoder = features.detach().reshape(-1, features.shape[-1])
 
     def extract(self, layer_idx: int, hidden: torch.Tensor) -> None:
-        """Runs the attender for every pair that extracts at ``layer_idx``; hidden ``(B, L, D)``."""
+        """Runs the attender for every pair that extracts at ``layer_idx``; hidden ``(B, L, D)``.
+
+        Pairs that share an extraction layer share the encoder pass (its result is the
+        same); each pair still draws its own latent sample and decodes its own map.
+        """
         if not self.enabled or self.reusing or self.layout is None:
             return
-        for e, d in self.config.pairs:
-            if e == layer_idx:
-                self.results[d] = self.compute_pair(hidden, d)
+        targets = [d for e, d in self.config.pairs if e == layer_idx]
+        if not targets:
+            return
+        latents = self.encode(hidden)
+        for d in targets:
+            self.results[d] = self.decode_pair(hidden, latents, d)
 
-    def compute_pair(self, hidden: torch.Tensor, pair: int = 0) -> _PairResult:
-        layout, config, attender = self.layout, self.config, self.attender
-        batch, n_vis = layout.positions.shape
+    def encode(self, hidden: torch.Tensor) -> tuple[Latent, Latent | None] | None:
+        """The prior (and, with labels, posterior) latents of the samples with images.
+
+        None when no sample has an image or the map is the ground-truth box (no attender).
+        """
+        streams, attender, config = self.streams, self.attender, self.config
+        if streams.rows.numel() == 0 or config.map_source == "boxes":
+            return None
         dtype = attender.slots.dtype  # (not next(parameters()): see make_extract_hook)
-        has = layout.has_image.nonzero().squeeze(-1)
+        if config.detach_input:
+            hidden = hidden.detach()
+        vision = streams.vision.take(hidden, dtype)
+        embedded = None
+        if config.vision_features != "extraction":
+            source = config.vision_features.removeprefix("extraction+")
+            embedded = self.token_features(source, streams.rows, self.vision_slots(hidden))
+        question = streams.question
+        prior = attender.latent(
+            attender.prior, vision, question.take(hidden, dtype), streams.v_mask, question.mask, embedded
+        )
+        posterior: Latent | None = None
+        qa = streams.question_answer
+        if qa is not None and attender.posterior is not None and not self.released_no_answer():
+            posterior = attender.latent(
+                attender.posterior, vision, qa.take(hidden, dtype), streams.v_mask, qa.mask, embedded
+            )
+        return prior, posterior
+
+    def released_no_answer(self) -> bool:
+        """The released module treats labels without an answer token anywhere in the batch as no
+        labels: the prior is sampled and KL = 0."""
+        return self.config.attender == "released" and self.answer is not None and not self.streams.any_answer
+
+    def vision_slots(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B_img, Nv)`` sequence slot of each image token of the samples with images."""
+        rows = self.streams.rows
+        return self.layout.positions.index_select(0, rows.to(self.layout.positions.device)).clamp(
+            max=hidden.shape[1] - 1
+        )
+
+    def decode_pair(
+        self, hidden: torch.Tensor, latents: tuple[Latent, Latent | None] | None, pair: int = 0
+    ) -> _PairResult:
+        layout, config, attender, streams = self.layout, self.config, self.attender, self.streams
+        batch, n_vis = layout.positions.shape
         zero = hidden.new_zeros((), dtype=torch.float32)
         empty = Mixture(*(torch.zeros(0, device=hidden.device) for _ in range(3)))
+        has = streams.rows
         if has.numel() == 0:
             pi = torch.zeros(batch, n_vis, device=hidden.device)
             return _PairResult(pi, empty, None, zero, zero, False)
@@ -195,30 +256,8 @@ class _Runtime:
             pi = box_map(layout, self.boxes)
             return _PairResult(pi, empty, None, entropy(pi[has]).mean(), zero, False)
 
-        h = hidden[has].to(dtype)
-        if config.detach_input:
-            h = h.detach()
-        vis_pos = layout.positions[has].clamp(max=h.shape[1] - 1)
-        v_mask = layout.valid[has]
-        coords = layout.coords[has]
-        floor = self.sigma_floor(has)
-        vision = h.gather(1, vis_pos[..., None].expand(-1, -1, h.shape[-1]))
-        embedded = None
-        if config.vision_features != "extraction":
-            embedded = self.token_features(config.vision_features.removeprefix("extraction+"), has, vis_pos)
-        question = self.question[has]
-        text_q, mask_q = gather_tokens(h, question)
-
-        prior = attender.latent(attender.prior, vision, text_q, v_mask, mask_q, embedded)
-        posterior: Latent | None = None
-        # The released module treats labels without an answer token anywhere in the batch as
-        # no labels: the prior is sampled and KL = 0.
-        released_no_answer = (
-            config.attender == "released" and self.answer is not None and not self.answer.any()
-        )
-        if self.answer is not None and attender.posterior is not None and not released_no_answer:
-            text_qa, mask_qa = gather_tokens(h, question | self.answer[has])
-            posterior = attender.latent(attender.posterior, vision, text_qa, v_mask, mask_qa, embedded)
+        prior, posterior = latents
+        coords, v_mask, floor = streams.coords, streams.v_mask, self.sigma_floor(has)
         use_posterior = self.training and posterior is not None
         noise = None
         if self.noise_seeds is not None:  # `pair` keeps the pairs' draws apart
@@ -232,14 +271,14 @@ class _Runtime:
             z, branch = prior.mu, prior
         mixture = attender.decode(z, branch, coords, v_mask, floor)
         pi_has = render(mixture, coords, v_mask, config.normalisation)
-        pi = pi_has.new_zeros(batch, n_vis).index_copy(0, has, pi_has)
+        pi = pi_has if streams.all_rows else pi_has.new_zeros(batch, n_vis).index_copy(0, has, pi_has)
 
         if config.volume == "sigma2":
             volume = mixture.sigmas.float().pow(2).mean(-1)
         else:
             volume = (mixture.weights.float() * mixture.sigmas.float().pow(2)).sum(-1)
         kl = gaussian_kl(posterior, prior) if posterior is not None else None
-        if released_no_answer:
+        if self.released_no_answer():
             kl = zero
         evidence = None
         if attender.evidence is not None and self.answer is not None:
@@ -247,6 +286,7 @@ class _Runtime:
             if branch is not prior:  # the prior's own map (the one used at inference) learns too
                 mixtures.append(attender.decode(prior.mu, prior, coords, v_mask, floor))
             pools = [self.evidence_pool(m, coords, v_mask) for m in mixtures]
+            vis_pos = self.vision_slots(hidden)
             evidence = torch.stack([self.evidence_loss(p, hidden, has, vis_pos) for p in pools]).mean()
         return _PairResult(pi, mixture, kl, entropy(pi_has).mean(), volume.mean(), use_posterior, evidence)
 
@@ -327,26 +367,96 @@ class _Runtime:
             return None
         if (q_len, kv_len) not in self.row_plan:  # the same for every injected layer of a call
             self.row_plan[(q_len, kv_len)] = self.injected_rows(q_len, kv_len)
+        if self.row_plan[(q_len, kv_len)] is None:
+            return None
         rows, inject = self.row_plan[(q_len, kv_len)]
+        # Rows that see only part of the map: inside images (Full-Seq) or between them (text);
+        # before them no row changes.
+        if config.inject_rows == "all":
+            window, rows_from = layout.inside, layout.span[0]
+        elif layout.gaps[1] > layout.gaps[0]:
+            window, rows_from = layout.gaps, layout.gaps[0]
+        else:
+            window, rows_from = layout.gaps, layout.first_after
+        state = self.image_sums.setdefault(layer_idx, ImageSum())
+        pi = self.results[layer_idx].pi
         return InjectionPlan(
-            self.results[layer_idx].pi, layout.positions, rows, inject, config.alpha, layout.span
+            pi, layout.positions, rows, inject, config.alpha, layout.span, window, state, rows_from
         )
 
-    def injected_rows(self, q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query rows ``(B, q_len)`` (kv slots) of this call and which of them receive the map."""
+    def injected_rows(self, q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Query rows ``(B, q_len)`` (kv slots) of this call and which of them receive the map.
+
+        None when no row of the call can be injected (decode steps with ``inject_decode=False``).
+        """
         config, layout = self.config, self.layout
         device = layout.positions.device
-        rows = torch.arange(kv_len - q_len, kv_len, device=device)[None].repeat(layout.positions.shape[0], 1)
+        first_row = kv_len - q_len
+        after_prompt = first_row >= layout.seq_len  # decode steps: no image row, no prompt row
+        if after_prompt and not config.inject_decode:
+            return None
+        rows = torch.arange(first_row, kv_len, device=device)[None].expand(layout.positions.shape[0], -1)
         row_valid = self.row_valid
         if row_valid.shape[1] < kv_len:  # no mask was given for the cached part: all real
             pad = torch.ones(row_valid.shape[0], kv_len - row_valid.shape[1], dtype=torch.bool, device=device)
             row_valid = torch.cat([pad, row_valid], dim=1)
-        inject = row_valid[:, -kv_len:].gather(1, rows) & layout.has_image[:, None]
-        if config.inject_rows == "text":
-            inject &= ~layout.token_mask(kv_len).gather(1, rows)
+        inject = row_valid[:, row_valid.shape[1] - q_len :] & layout.has_image[:, None]
+        if config.inject_rows == "text" and not after_prompt:
+            inject &= ~layout.token_mask(kv_len)[:, first_row:]
         if not config.inject_decode:
             inject &= rows < layout.seq_len
         return rows, inject
+
+    # ---------------------------------------------------------------- the KV cache
+    def check_continuation(self, past: Any, past_len: int, input_ids: torch.Tensor) -> None:
+        """Refuses continuing a cached sequence that no longer matches the prompt the maps came from."""
+        layout = self.layout
+        if input_ids.shape[0] != layout.positions.shape[0]:
+            raise BackboneError(
+                f"this call continues a sequence with batch size {input_ids.shape[0]}, but VIF's maps are for "
+                f"{layout.positions.shape[0]} prompts; change the batch only through a new prompt."
+            )
+        if (
+            past is not None
+            and self.prompt_tag is not None
+            and getattr(past, "_vif_prompt", None) != self.prompt_tag
+        ):
+            raise BackboneError(
+                "this call continues a different KV cache than the one VIF's maps were computed with; "
+                "run its prompt through the model first."
+            )
+        if past is not None and past_len < layout.seq_len:
+            raise BackboneError(
+                f"the KV cache holds {past_len} tokens but VIF's maps come from a {layout.seq_len}-token prompt "
+                "(was it cropped into the prompt, or the prompt fed in chunks?); run the whole prompt in "
+                "one call before decoding."
+            )
+
+    def follow_row_changes(self, past: Any) -> None:
+        """Tags the prompt's KV cache and makes its beam reordering reorder VIF's per-row state too.
+
+        The state kept per sample (maps, layout, the decode steps' ``c``) is indexed like
+        the cache's rows; ``reorder_cache(beam_idx)`` moves cache row ``beam_idx[r]`` to row
+        ``r``, so the state follows the same index. The tag (copied along by ``deepcopy``,
+        as a reused prompt cache is) tells later calls which prompt a cache holds.
+        """
+        self.prompt_tag = None
+        if past is None:
+            return
+        self.prompt_tag = past._vif_prompt = next(_PROMPT_TAGS)
+        past._vif_runtime = weakref.ref(self)
+        if "reorder_cache" not in vars(past):
+            past.reorder_cache = types.MethodType(_reorder_and_follow, past)  # rebinds to a deepcopy
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Row ``r`` of every per-sample state becomes old row ``index[r]``."""
+        self.layout = self.layout.select(index)
+        rows = index.to(self.layout.positions.device)
+        self.results = {
+            d: dataclasses.replace(r, pi=r.pi.index_select(0, rows)) for d, r in self.results.items()
+        }
+        for state in self.image_sums.values():
+            state.select(rows)
 
     # ---------------------------------------------------------------- losses
     def collect(self) -> VIFOutput:
@@ -414,6 +524,114 @@ def gather_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     index = index[:, :n]
     tokens = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
     return tokens, mask.gather(1, index)
+
+
+_PROMPT_TAGS = itertools.count()
+
+
+def _reorder_and_follow(cache: Any, beam_idx: torch.LongTensor) -> None:
+    """``reorder_cache`` of a KV cache VIF tagged: the cache's own, then VIF's per-row state."""
+    type(cache).reorder_cache(cache, beam_idx)
+    runtime = cache._vif_runtime()
+    if runtime is not None and runtime.prompt_tag == getattr(cache, "_vif_prompt", None):
+        runtime.select_rows(beam_idx)
+
+
+def check_cache(past: Any, inject_layers: list[int]) -> None:
+    """Refuses a KV cache the closed form cannot trust.
+
+    VIF reads the image tokens' values at their sequence positions and keeps their
+    weighted sum from the prompt, so it needs kv slot = sequence position and cached
+    values that never change: transformers' ``DynamicCache`` with plain layers.
+    """
+    if past is None:
+        return
+    if isinstance(past, StaticCache):
+        raise BackboneError(
+            "VIF needs the dynamic KV cache (query positions are read from the cache length); "
+            "generate without cache_implementation='static'."
+        )
+    if not isinstance(past, DynamicCache):
+        raise BackboneError(
+            f"VIF needs transformers' DynamicCache (kv slot = sequence position, cached values never change), "
+            f"got a {type(past).__name__}; generate without cache_implementation=... ."
+        )
+    if getattr(past, "offloading", False):
+        raise BackboneError(
+            "VIF does not support an offloaded DynamicCache (untested: its layers move between devices); "
+            "use DynamicCache() without offloading."
+        )
+    for d in inject_layers:
+        if d < len(past.layers) and type(past.layers[d]) is not DynamicLayer:
+            raise BackboneError(
+                f"the KV cache of injection layer {d} is a {type(past.layers[d]).__name__} (sliding window, "
+                "quantised or indexed): its slots are not the sequence positions VIF injects at. Use a plain "
+                "DynamicCache, and no sliding window on injection layers."
+            )
+
+
+@dataclass
+class _TokenStream:
+    """Where one input stream of the attender sits in the hidden states: ``index`` / ``mask`` ``(B_img, N)``."""
+
+    index: torch.Tensor  # (B_img, N) flat index into hidden.view(B * L, D)
+    mask: torch.Tensor  # (B_img, N) bool, False on padding entries
+
+    def take(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(B_img, N, D)`` the stream's tokens of ``hidden`` ``(B, L, D)``, in ``dtype``."""
+        return hidden.flatten(0, 1)[self.index.to(hidden.device)].to(dtype)
+
+
+@dataclass
+class _AttenderStreams:
+    """The attender's inputs of one prompt, found once and reused by every pair (no host sync per pair).
+
+    Only samples with an image token (``rows``) go through the attender.
+    """
+
+    rows: torch.Tensor  # (B_img,) which samples
+    all_rows: bool  # every sample has an image: no scatter back needed
+    vision: _TokenStream
+    v_mask: torch.Tensor  # (B_img, Nv)
+    coords: torch.Tensor  # (B_img, Nv, 2)
+    question: _TokenStream
+    question_answer: _TokenStream | None
+    any_answer: bool  # some sample of the batch has an answer token (labels)
+
+    @classmethod
+    def build(
+        cls, layout: VisionLayout, question: torch.Tensor, answer: torch.Tensor | None
+    ) -> _AttenderStreams:
+        rows = layout.image_rows
+        batch, length = question.shape
+        offset = (rows * length)[:, None]  # row start in the flattened (B * L) hidden states
+        any_answer = answer.any() if answer is not None else question.new_zeros((), dtype=torch.bool)
+        question = question.index_select(0, rows)
+        both = question | answer.index_select(0, rows) if answer is not None else None
+        widest = [any_answer.long(), any_answer.long()]  # placeholders when no sample has an image
+        if rows.numel():
+            widest = [question.sum(-1).amax(), both.sum(-1).amax() if both is not None else widest[1]]
+        # The attender's only host sync: how wide its text streams are, whether labels hold an answer.
+        q_width, qa_width, any_answer = torch.stack([*widest, any_answer.long()]).tolist()
+
+        def stream(mask: torch.Tensor, width: int) -> _TokenStream:
+            slot = torch.arange(length, device=mask.device).expand_as(mask)
+            # Selected positions first, in sequence order.
+            index = torch.where(mask, slot, slot + length).sort(dim=1).values[:, : max(width, 1)]
+            valid = index < length
+            return _TokenStream(offset + index.clamp(max=length - 1), valid)
+
+        vision = layout.positions.index_select(0, rows).clamp(max=length - 1)
+        return cls(
+            rows=rows,
+            all_rows=rows.numel() == batch,
+            vision=_TokenStream(offset + vision, layout.valid.index_select(0, rows)),
+            v_mask=layout.valid.index_select(0, rows),
+            coords=layout.coords.index_select(0, rows),
+            question=stream(question, q_width),
+            question_answer=stream(both, qa_width) if both is not None else None,
+            any_answer=bool(any_answer),
+        )
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype:
@@ -667,7 +885,8 @@ class VIFModel(nn.Module):
                 total = total + cfg.evidence_weight * vif.evidence.to(total.device)
             skipped_posterior = self.vif_module.posterior is not None and not vif.used_posterior
             boxes = cfg.map_source == "boxes"
-            if not vif.importance or not runtime.layout.has_image.any() or skipped_posterior or boxes:
+            no_image = runtime.layout.image_rows.numel() == 0  # known on the host: no sync
+            if not vif.importance or no_image or skipped_posterior or boxes:
                 # No image in this batch (the attender did not run), no answer token under
                 # attender="released" (the posterior did not run), or a ground-truth map. Keep every parameter in the
                 # graph so data-parallel gradient reduction still sees all of them.

@@ -16,6 +16,7 @@ one subclass, registered with :func:`register_backbone`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,17 @@ class VisionLayout:
     seq_len: length of the sequence the layout was computed for (the prompt at generation).
     span: ``(first, end)``: every image token of the batch lies in sequence slots
         ``first <= i < end`` (``(0, 0)`` without images).
+    inside: ``(lo, hi)``: the slots from a sample's first image token up to (not including)
+        its last, joined over the batch: the rows that see only part of their sample's
+        images (``(0, 0)``: none).
+    gaps: ``(lo, hi)``: as ``inside``, but only where a sample's images are not one
+        contiguous run (text between images): the text rows that see part of the images.
+    first_after: the first slot that follows every image token of some sample: text
+        rows before it see none or part of their sample's images.
+    image_rows: ``(B_img,)`` index of the samples that hold an image token.
+
+    The host-side facts (``span``, ``inside``, ``gaps``, the counts) are read once per
+    prompt, in one host sync, so the per-layer work of VIF never waits on the device.
     """
 
     positions: torch.Tensor
@@ -49,6 +61,10 @@ class VisionLayout:
     grids: list[list[tuple[int, int]]]
     seq_len: int
     span: tuple[int, int] = (0, 0)
+    inside: tuple[int, int] = (0, 0)
+    gaps: tuple[int, int] = (0, 0)
+    first_after: int = 0
+    image_rows: torch.Tensor | None = None
 
     @property
     def has_image(self) -> torch.Tensor:
@@ -64,6 +80,30 @@ class VisionLayout:
         mask.scatter_(1, self.positions.clamp(max=length), self.valid)
         return mask[:, :length]
 
+    def select(self, index: torch.Tensor) -> VisionLayout:
+        """The layout of batch rows ``index`` (row ``r`` becomes old row ``index[r]``), e.g. after a beam reorder.
+
+        ``span``, ``inside``, ``gaps`` and ``first_after`` cover the whole old batch, so they
+        stay true (conservative) for any selection of its rows.
+        """
+        host = index.tolist()
+        rows = index.to(self.positions.device)
+        return dataclasses.replace(
+            self,
+            positions=self.positions.index_select(0, rows),
+            valid=self.valid.index_select(0, rows),
+            coords=self.coords.index_select(0, rows),
+            grids=[self.grids[i] for i in host],
+            image_rows=torch.tensor(
+                [r for r, i in enumerate(host) if self.grids[i]], dtype=torch.long, device=rows.device
+            ),
+        )
+
+
+def _union(ranges: list[tuple[int, int]]) -> tuple[int, int]:
+    ranges = [r for r in ranges if r[1] > r[0]]
+    return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0, 0)
+
 
 def build_layout(
     image_mask: torch.Tensor, grids: list[list[tuple[int, int]]], grid_mode: str = "centers"
@@ -76,7 +116,11 @@ def build_layout(
     """
     batch, seq_len = image_mask.shape
     device = image_mask.device
-    counts = image_mask.sum(-1).tolist()
+    slot = torch.arange(seq_len, device=device)
+    first = torch.where(image_mask, slot, seq_len).amin(-1) if seq_len else slot.new_zeros(batch)
+    last = torch.where(image_mask, slot, -1).amax(-1) if seq_len else slot.new_zeros(batch)
+    # The layout's only host sync: counts and first / last image slot of every sample.
+    counts, firsts, lasts = torch.stack([image_mask.sum(-1), first, last]).tolist() if batch else ([], [], [])
     for b, (count, sample_grids) in enumerate(zip(counts, grids)):
         expected = sum(h * w for h, w in sample_grids)
         if count != expected:
@@ -86,21 +130,31 @@ def build_layout(
                 "by the model's processor (one placeholder per image token)."
             )
     width = max(counts) if counts else 0
-    positions = torch.full((batch, width), seq_len, dtype=torch.long, device=device)
-    valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-    coords = torch.zeros(batch, width, 2, dtype=torch.float32, device=device)
-    for b in range(batch):
-        n = counts[b]
-        if n == 0:
-            continue
-        positions[b, :n] = image_mask[b].nonzero().squeeze(-1)
-        valid[b, :n] = True
-        coords[b, :n] = torch.cat([grid_coordinates(h, w, grid_mode) for h, w in grids[b]]).to(device)
-    span = (0, 0)
-    if width:
-        real = positions[valid]
-        span = (int(real.min()), int(real.max()) + 1)  # one host sync per prompt, not per layer
-    return VisionLayout(positions, valid, coords, grids, seq_len, span)
+    # Image slots first, each sample's in sequence order; then padding entries at seq_len.
+    order = torch.where(image_mask, slot, slot + seq_len).sort(dim=1).values[:, :width]
+    valid = torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    positions = torch.where(valid, order, seq_len)
+    coords = torch.zeros(batch, width, 2, dtype=torch.float32)
+    for b, n in enumerate(counts):
+        if n:
+            coords[b, :n] = torch.cat([grid_coordinates(h, w, grid_mode) for h, w in grids[b]])
+    with_image = [b for b, n in enumerate(counts) if n]
+    span = _union([(firsts[b], lasts[b] + 1) for b in with_image])
+    inside = _union([(firsts[b], lasts[b]) for b in with_image])
+    gaps = _union([(firsts[b] + 1, lasts[b]) for b in with_image if lasts[b] - firsts[b] + 1 > counts[b]])
+    first_after = min((lasts[b] + 1 for b in with_image), default=0)
+    return VisionLayout(
+        positions,
+        valid,
+        coords.to(device),
+        grids,
+        seq_len,
+        span,
+        inside,
+        gaps,
+        first_after,
+        torch.tensor(with_image, dtype=torch.long, device=device),
+    )
 
 
 class BackboneAdapter:
