@@ -235,3 +235,24 @@ def test_an_adapter_saved_before_the_new_fields_loads_as_it_was_built(tmp_path):
     loaded = vif.VIFModel.from_pretrained(vmodel.detach(), tmp_path)
     for key, value in LEGACY_VALUES.items():
         assert getattr(loaded.config_vif, key) == value, key
+
+
+def test_features_of_the_vision_encoder_reach_the_attender_and_nothing_else():
+    """`encoder` features: LLaVA's projector input (CLIP width), read without training the projector."""
+    torch.manual_seed(0)
+    model = tiny_llava()
+    batch = llava_batch(model, MIXED, padding_side="left", with_labels=True)
+    config = compact(model, **{**LOOKING, "vision_features": "extraction+encoder", "evidence_features": "encoder"})
+    vmodel = vif.attach(model, config).train()
+    width = model.config.vision_config.hidden_size
+    assert vmodel.config_vif.encoder_size == width
+    assert vmodel.vif_module.prior.embeddings_in.in_features == width
+    assert vmodel.vif_module.evidence.norm.normalized_shape == (width,)
+    out = vmodel(**batch)
+    projector = list(model.model.multi_modal_projector.parameters())
+    grads = torch.autograd.grad(out.vif.evidence + out.vif.kl, projector, allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+    vmodel.eval()
+    prompt = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        assert vmodel.generate(**prompt, max_new_tokens=2).shape[0] == 3

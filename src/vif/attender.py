@@ -260,11 +260,12 @@ class EvidenceHead(nn.Module):
         picked = log_p.gather(2, index[:, None, :].expand(-1, log_p.shape[1], -1))  # (B, N, A)
         log_pi = pi.float().clamp_min(torch.finfo(torch.float32).tiny).log()
         mixed = torch.logsumexp(picked + log_pi[..., None], dim=1)  # (B, A)
-        # The reader also learns from a flat pool over the image's tokens, which does not depend on
-        # the map: otherwise map and reader lock onto the first answers they learn, and the reader
-        # never learns to read the tokens the map does not point at yet.
-        log_flat = torch.where(valid, -valid.sum(-1, keepdim=True).float().log(), float("-inf"))
-        flat = torch.logsumexp(picked + log_flat[..., None], dim=1)  # (B, A)
+        # The reader also learns on every token alone, with the answer as each token's label (a noisy
+        # label: most tokens do not show it). This term does not depend on the map, so the reader
+        # learns to read tokens the map does not point at yet; without it map and reader lock onto
+        # the first answers they learn. (A flat pool, -log mean_j p_j, dilutes the few tokens that
+        # show the answer among all the others and taught the reader only some colours.)
+        flat = (picked * valid[..., None]).sum(1) / valid.sum(-1, keepdim=True).clamp_min(1)  # (B, A)
         return -((mixed + flat) * has).sum() / has.sum().clamp_min(1)
 
     def pooled_reader(
