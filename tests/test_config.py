@@ -44,7 +44,10 @@ def llava_7b_config() -> LlavaConfig:
         (dict(evidence_reader="mlp"), "evidence_reader"),
         (dict(vision_features="tower"), "vision_features"),
         (dict(map_source="oracle"), "map_source"),
-        (dict(centers="linear", evidence_pool="locator"), "only centers='attention' has"),
+        (
+            dict(centers="linear", evidence_pool="locator", evidence_weight=1.0),
+            "only centers=.attention. has",
+        ),
     ],
 )
 def test_validation_errors(kwargs, message):

@@ -9,11 +9,13 @@ import torch
 
 import vif
 from vif.attender import MultiHeadAttention, ProbabilisticAttender
+from vif.config import PAPER_METHOD
 from vif.testing import llava_batch, tiny_llava
 
 
 def module(attender="vif", init="vif", latent=256, **fields) -> ProbabilisticAttender:
     torch.manual_seed(0)
+    fields = {**PAPER_METHOD, **fields}  # the released module has none of the project's additions
     config = vif.VIFConfig(
         hidden_size=64, latent_size=latent, ffn_size=2 * latent, num_encoder_layers=2, num_heads=4, **fields
     )

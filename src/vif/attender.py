@@ -120,7 +120,10 @@ class Branch(nn.Module):
         self.vision_in = nn.Linear(d, dz)
         # Per-patch features at the image tokens, not yet mixed by the LLM (VIFConfig.vision_features).
         extra = config.vision_features.removeprefix("extraction").removeprefix("+")
-        self.embeddings_in = nn.Linear(config.feature_size(extra), dz) if extra else None
+        self.embeddings_in = None
+        if extra:  # normalised first: a vision encoder's output has its own scale
+            size = config.feature_size(extra)
+            self.embeddings_in = nn.Sequential(nn.LayerNorm(size), nn.Linear(size, dz))
         self.text_in = nn.Linear(d, dz)
         n, context_norm = config.num_encoder_layers, config.attender == "vif"
         self.blocks = nn.ModuleList(
@@ -210,29 +213,39 @@ class EvidenceHead(nn.Module):
     injection, which is flat until the LLM has learned to use a map (docs/demo.md).
     """
 
-    def __init__(self, feature_size: int, hidden_size: int, reader: str = "pooled") -> None:
+    def __init__(
+        self,
+        feature_size: int,
+        hidden_size: int,
+        reader: str = "pooled",
+        vocab_size: int | None = None,
+        answer_size: int = 128,
+    ) -> None:
         super().__init__()
         self.reader = reader
         self.norm = nn.LayerNorm(feature_size)
+        # vocab_size given: answer tokens are scored with an embedding table of the module's own.
+        self.answers = nn.Embedding(vocab_size, answer_size) if vocab_size is not None else None
+        width = hidden_size if self.answers is None else answer_size
         # Two layers: whether a patch shows the answer is not a linear function of its features.
-        self.proj = nn.Sequential(
-            nn.Linear(feature_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.proj = nn.Sequential(nn.Linear(feature_size, width), nn.GELU(), nn.Linear(width, width))
 
     def forward(
         self,
         pi: torch.Tensor,
         features: torch.Tensor,
-        readout: torch.Tensor,
+        readout: torch.Tensor | None,
         answers: torch.Tensor,
         valid: torch.Tensor,
     ) -> torch.Tensor:
         """Mean cross-entropy of the answer tokens -> scalar.
 
         pi ``(B, Nv)`` the pooling weights (0 on padding), features ``(B, Nv, D)`` per image token,
-        readout ``(V, D)`` the LM's output embeddings, answers ``(B, A)`` token ids, -100 where
+        readout ``(V, D)`` the LM's output embeddings (None: the head's own table), answers ``(B, A)`` token ids, -100 where
         there is none (samples without answer tokens contribute nothing), valid ``(B, Nv)`` bool.
         """
+        if self.answers is not None:
+            readout = self.answers.weight
         if self.reader == "tokens":
             return self.token_reader(pi, features, readout, answers, valid)
         return self.pooled_reader(pi, features, readout, answers)
@@ -298,9 +311,18 @@ class ProbabilisticAttender(nn.Module):
         self.slot_norm = nn.LayerNorm(dz) if config.attender == "vif" else nn.Identity()
         self.slot_attention = MultiHeadAttention(dz, config.num_heads)
         self.gmm = GMMHead(dz, config.min_sigma, config.centers)
+        if config.evidence_weight > 0 and config.evidence_readout == "learned" and config.vocab_size is None:
+            raise ValueError(
+                "VIFConfig.vocab_size is unset (evidence_readout='learned'); build the config with "
+                "VIFConfig.preset(name, model) or attach it to its model."
+            )
         self.evidence = (
             EvidenceHead(
-                config.feature_size(config.evidence_features), config.hidden_size, config.evidence_reader
+                config.feature_size(config.evidence_features),
+                config.hidden_size,
+                config.evidence_reader,
+                config.vocab_size if config.evidence_readout == "learned" else None,
+                config.evidence_size,
             )
             if config.evidence_weight > 0
             else None

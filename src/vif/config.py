@@ -41,6 +41,7 @@ PAPER_METHOD: dict[str, Any] = {
     "vision_features": "extraction",
     "detach_input": False,
 }
+# (evidence_features / _pool / _reader / _readout / _size only matter with evidence_weight > 0.)
 # Fields added after the first saved format, with the value that reproduces a module saved before.
 LEGACY_VALUES: dict[str, Any] = {
     **{k: v for k, v in PAPER_METHOD.items() if k != "min_sigma"},
@@ -91,36 +92,42 @@ class VIFConfig:
     sample_at_inference: bool = False  # True: the released code's stochastic inference
 
     # --- spatial GMM decoding (section 5) -----------------------------------------
-    min_sigma: float = 0.035
+    min_sigma: float = 0.5  # the smallest spread, in units of min_sigma_unit (paper: 0.035 of the image)
     normalisation: str = "sum"  # "sum": M / sum M (paper); "softmax": released code
     grid_coords: str = "centers"  # "centers": (i + 0.5) / W; "linspace": linspace(0, 1, W)
 
     # --- learning where to look (this project's additions; docs/presets.md, departures) --
     # "linear": centre = sigmoid(W_c z) (paper); "attention": z attends over the encoded image
     # tokens and the centre is the attention-weighted mean of their coordinates (soft-argmax).
-    centers: str = "linear"
+    centers: str = "attention"
     # "image": min_sigma in image widths (paper); "token": in tokens of each image's grid.
-    min_sigma_unit: str = "image"
+    min_sigma_unit: str = "token"
     # Answer-evidence loss: the map pools per-token image features, a small head reads the answer's
     # tokens from the pooled vector through the LM's own output embeddings. 0 turns it off (paper).
-    evidence_weight: float = 0.0
+    evidence_weight: float = 3.0
     # Features the map pools for it: "encoder", the vision encoder's output at each image token (before
     # a projector into the LLM, if the backbone has one); "embeddings", the LLM's input there; both are
     # local to their patch. "extraction": layer e's hidden states (already mixed across patches).
-    evidence_features: str = "embeddings"
+    evidence_features: str = "encoder"
     # What pools the features for it: "map", the rendered Gaussian mixture; "locator", the components'
     # attention over the image tokens (centers="attention"), which reaches every token, not only those
     # under the current Gaussians.
-    evidence_pool: str = "map"
+    evidence_pool: str = "locator"
     # How the head reads: "pooled", one prediction from the pooled features (over the vocabulary);
     # "tokens", every image token predicts the answer alone and the pool mixes their likelihoods.
-    evidence_reader: str = "pooled"
+    evidence_reader: str = "tokens"
+    # What scores an answer token: "lm_head", the LM's own output embeddings (detached); "learned", an
+    # embedding table of the module's own (vocab_size x evidence_size), which does not inherit the LM
+    # head's confusions (a base that answers "purple" for blue and green has nearly equal rows for them).
+    evidence_readout: str = "learned"
+    evidence_size: int = 128  # width of the "learned" answer embeddings
+    vocab_size: int | None = None  # the LM's vocabulary; filled on attach when evidence_readout="learned"
     # What the attender's vision stream reads: "extraction", layer e's hidden states at the image tokens
     # (paper); "extraction+embeddings" / "extraction+encoder", plus the LLM's input / the vision
     # encoder's output there (per-patch features, not yet mixed by the LLM).
-    vision_features: str = "extraction"
+    vision_features: str = "extraction+embeddings"
     encoder_size: int | None = None  # width of the vision encoder's output; filled on attach when read
-    detach_input: bool = False  # the attender reads detached hidden states: its losses never reach the LLM
+    detach_input: bool = True  # the attender reads detached hidden states: its losses never reach the LLM
     # "attender": the map VIF learns; "boxes": a ground-truth map, uniform over the image tokens that
     # overlap each sample's `evidence_box` (an upper bound for experiments; needs boxes at inference).
     map_source: str = "attender"
@@ -156,6 +163,7 @@ class VIFConfig:
             "map_source": ("attender", "boxes"),
             "evidence_pool": ("map", "locator"),
             "evidence_reader": ("pooled", "tokens"),
+            "evidence_readout": ("lm_head", "learned"),
             "vision_features": ("extraction", "extraction+embeddings", "extraction+encoder"),
         }
         for name, allowed in choices.items():
@@ -166,7 +174,7 @@ class VIFConfig:
                 f"extract_layers has {len(self.extract_layers)} entries but inject_layers has "
                 f"{len(self.inject_layers)}: give one extraction layer per injection layer."
             )
-        if self.evidence_pool == "locator" and self.centers != "attention":
+        if self.evidence_weight > 0 and self.evidence_pool == "locator" and self.centers != "attention":
             raise VIFConfigError(
                 "evidence_pool='locator' pools with the components' attention over the image tokens, which "
                 "only centers='attention' has; set centers='attention' or evidence_pool='map'."
@@ -195,7 +203,14 @@ class VIFConfig:
                 )
         if not 0.0 <= self.alpha <= 1.0:
             raise VIFConfigError(f"alpha={self.alpha} is outside [0, 1]; it is a mixing weight.")
-        for name in ("latent_size", "num_encoder_layers", "num_heads", "ffn_size", "num_components"):
+        for name in (
+            "latent_size",
+            "num_encoder_layers",
+            "num_heads",
+            "ffn_size",
+            "num_components",
+            "evidence_size",
+        ):
             if getattr(self, name) < 1:
                 raise VIFConfigError(f"VIFConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.latent_size % self.num_heads:
@@ -278,10 +293,13 @@ class VIFConfig:
           the spec's recommendations (docs/fidelity.md says why).
         * ``"released"``: ``"paper"`` plus the released code's map, grid and decoding
           (:data:`RELEASED_BEHAVIOUR`): what ``vif convert-authors`` writes.
-        * ``"compact"``: this project's small module: latent width = D / 4 (at least
-          32), FFN 4x latent, 2 encoder blocks, 8 heads (fewer if the width is small),
-          K = 16, same layer pairs. On LLaVA-1.5-7B it has 134 M parameters
-          (4.4 % of the paper preset) - see docs/presets.md.
+        * ``"compact"``: this project's small module with this project's method (the
+          dataclass defaults: the map learned with the answer-evidence head, docs/demo.md):
+          latent width = D / 4 (at least 32), FFN 4x latent, 2 encoder blocks, 8 heads (fewer
+          if the width is small), K = 16, same layer pairs. On LLaVA-1.5-7B it has 134 M
+          parameters (4.4 % of the paper preset) - see docs/presets.md.
+        * ``"large"``: this project's method at the paper's size (latent width = D, FFN 4x,
+          3 blocks, 4 heads, K = 16).
 
         ``model_or_config`` is a transformers model or config (only its text config's
         ``hidden_size`` and ``num_hidden_layers`` are read). ``overrides`` replace fields.
@@ -303,6 +321,10 @@ class VIFConfig:
             )
             if name == "released":
                 values.update(RELEASED_BEHAVIOUR)
+        elif name == "large":
+            values = dict(
+                latent_size=hidden, ffn_size=4 * hidden, num_encoder_layers=3, num_heads=4, num_components=16
+            )
         elif name == "compact":
             latent = max(32, hidden // 4)
             heads = 8 if latent % 8 == 0 and latent >= 256 else 4
@@ -314,10 +336,17 @@ class VIFConfig:
                 num_components=16,
             )
         else:
-            raise VIFConfigError(f"unknown preset {name!r}; known presets: 'paper', 'released', 'compact'.")
+            raise VIFConfigError(
+                f"unknown preset {name!r}; known presets: 'paper', 'released', 'compact', 'large'."
+            )
         values.update(hidden_size=hidden, extract_layers=extract, inject_layers=inject)
         values.update(overrides)
         config = cls(**values)
+        # Sizes the project's options read off the backbone (attach fills them too).
+        if "encoder" in config.token_sources and config.encoder_size is None:
+            config.encoder_size = _encoder_width(model_or_config, hidden)
+        if config.evidence_weight > 0 and config.evidence_readout == "learned" and config.vocab_size is None:
+            config.vocab_size = _vocab_size(model_or_config)
         config.validate(num_layers=depth)
         return config
 
@@ -350,6 +379,24 @@ def scaled_paper_pairs(depth: int) -> tuple[list[int], list[int]]:
     for k in range(len(extract)):
         extract[k] = max(0, min(extract[k], inject[k] - 1))
     return extract, inject
+
+
+def _encoder_width(model_or_config: Any, hidden: int) -> int:
+    """Width of the vision encoder's output where the LLM reads it: LLaVA-style models feed a projector
+    the CLIP features of ``vision_feature_layer`` (one layer or several, concatenated); models whose
+    vision encoder ends in the LLM's width (Qwen2-VL's merger) hand over ``hidden`` directly."""
+    config = getattr(model_or_config, "config", model_or_config)
+    layer = getattr(config, "vision_feature_layer", None)
+    vision = getattr(config, "vision_config", None)
+    if layer is None or vision is None:
+        return hidden
+    return int(vision.hidden_size) * (len(layer) if isinstance(layer, list | tuple) else 1)
+
+
+def _vocab_size(model_or_config: Any) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    text = getattr(config, "text_config", None) or config
+    return int(text.vocab_size)
 
 
 def _text_dims(model_or_config: Any) -> tuple[int, int]:

@@ -354,7 +354,9 @@ class _Runtime:
         content = self.answer[has] & ~torch.isin(self.labels[has], self.special_ids(features.device))
         answers, has_answer = gather_tokens(self.labels[has][..., None], content)
         answers = answers.squeeze(-1).masked_fill(~has_answer, IGNORE_INDEX)
-        readout = self.base_model.get_output_embeddings().weight.detach()
+        readout = None
+        if self.config.evidence_readout == "lm_head":
+            readout = self.base_model.get_output_embeddings().weight.detach()
         return self.attender.evidence(pi, features, readout, answers, self.layout.valid[has])
 
     # ---------------------------------------------------------------- injection
@@ -670,6 +672,10 @@ class VIFModel(nn.Module):
                 f"VIFConfig.hidden_size={config.hidden_size} but the language model's hidden size is {hidden}; "
                 "build the config for this model with VIFConfig.preset(name, model)."
             )
+        needs_vocab = config.evidence_weight > 0 and config.evidence_readout == "learned"
+        if needs_vocab and config.vocab_size is None:
+            vocab = base_model.get_output_embeddings().weight.shape[0]
+            config = VIFConfig.from_dict({**config.to_dict(), "vocab_size": int(vocab)})
         if "encoder" in config.token_sources and config.encoder_size is None:
             config = VIFConfig.from_dict({**config.to_dict(), "encoder_size": self._encoder_size(hidden)})
         config.validate(num_layers=depth)
