@@ -149,3 +149,28 @@ def test_paper_and_released_presets():
     )
     assert released == vif.VIFConfig.from_dict({**paper.to_dict(), **vif.config.RELEASED_BEHAVIOUR})
     assert (compact.attender, compact.init, compact.loss_pairs) == ("vif", "vif", "all")
+
+
+def test_presets_choose_the_method():
+    """`paper` / `released` keep the paper's method; `compact` / `large` use vif's (docs/looking.md)."""
+    from vif.config import PAPER_METHOD
+
+    model = llava_7b_config()
+    defaults = vif.VIFConfig()
+    for name in ("paper", "released"):
+        config = vif.VIFConfig.preset(name, model)
+        assert {k: getattr(config, k) for k in PAPER_METHOD} == PAPER_METHOD, name
+    for name in ("compact", "large"):
+        config = vif.VIFConfig.preset(name, model)
+        assert {k: getattr(config, k) for k in PAPER_METHOD} == {
+            k: getattr(defaults, k) for k in PAPER_METHOD
+        }
+        assert config.encoder_size == model.vision_config.hidden_size  # what the projector reads
+        assert config.vocab_size == model.text_config.vocab_size
+    large, paper = vif.VIFConfig.preset("large", model), vif.VIFConfig.preset("paper", model)
+    assert (large.latent_size, large.ffn_size, large.num_encoder_layers) == (
+        paper.latent_size,
+        paper.ffn_size,
+        paper.num_encoder_layers,
+    )
+    assert vif.VIFConfig().evidence_weight > 0 and vif.VIFConfig().centers == "attention"

@@ -130,7 +130,7 @@ def test_shipped_recipes_validate():
         assert r.optimizer.lr == 2e-5 and r.optimizer.weight_decay == 0.0
         assert r.schedule.scheduler == "cosine" and r.schedule.warmup_ratio == 0.03 and r.schedule.epochs == 1
         assert r.data.max_length == 2048 and r.data.image_aspect == "pad" and r.activation_checkpointing
-        assert r.vif == "paper" and r.precision == "bf16"
+        assert r.vif == "large" and r.precision == "bf16"  # the paper's size, vif's method (docs/looking.md)
     full, lora = (
         load_recipe(files[0 if "lora" not in files[0].name else 1]),
         load_recipe(REPO / "recipes/llava-1.5-7b-vif-lora.yaml"),
@@ -147,7 +147,7 @@ def test_shipped_recipes_validate():
 
 def test_recipe_errors():
     ok = {"model": "m", "data": {"json": "d.json"}}
-    assert load_recipe(ok).vif == "paper"
+    assert load_recipe(ok).vif == "compact"
     with pytest.raises(
         RecipeError, match=r"unknown recipe key\(s\) \['lerning_rate'\].*valid keys.*'optimizer'"
     ):

@@ -1046,8 +1046,9 @@ def _require_vision_language_model(model: nn.Module) -> None:
 def attach(model: nn.Module, config: VIFConfig | None = None, dtype: torch.dtype | None = None) -> VIFModel:
     """Attaches a new (randomly initialised) VIF module to a transformers VLM.
 
-    ``config`` defaults to ``VIFConfig.preset("paper", model)``; the module's dtype
-    defaults to the model's. If attaching fails, ``model`` is left exactly as it was.
+    ``config`` defaults to ``VIFConfig.preset("compact", model)`` (vif's defaults, docs/looking.md;
+    ``"paper"`` is the paper's recipe); the module's dtype defaults to the model's. If attaching
+    fails, ``model`` is left exactly as it was.
     """
     _require_vision_language_model(model)
-    return VIFModel(model, config or VIFConfig.preset("paper", model), dtype=dtype)
+    return VIFModel(model, config or VIFConfig.preset("compact", model), dtype=dtype)

@@ -66,7 +66,7 @@ def train(
             full reference in :mod:`vif.training.recipe` and docs/training.md)::
 
                 model                       base model folder / hub id (required)
-                vif                         "paper" | "released" | "compact" | {preset, <VIFConfig field>: ...} | null  ["paper"]
+                vif                         "compact" | "large" | "paper" | "released" | {preset, <VIFConfig field>: ...} | null  ["compact"]
                 init_adapter                a saved VIF module (folder or hub id) to continue from  [null]
                 attn_implementation         sdpa | eager  [sdpa]
                 data.json                   LLaVA-format JSON / JSONL (required)

@@ -5,7 +5,8 @@ in a second with a message that names the key and lists the valid ones, instead 
 hour into a job. Schema (every key but ``model`` and ``data.json`` has a default)::
 
     model: path/to/llava-1.5-7b-hf        # a save_pretrained folder (model + processor) or hub id
-    vif: paper                            # preset name ("paper" | "released" | "compact"), or a mapping
+    vif: compact                          # preset name ("compact" | "large": vif's method; "paper" |
+                                          # "released": the paper's), or a mapping
                                           # {preset: compact, <any VIFConfig field>: value, ...},
                                           # or null: train WITHOUT VIF (the control arm)
     init_adapter: null                    # start from a saved VIF module (VIFModel.save_pretrained dir)
@@ -69,7 +70,7 @@ from typing import Any
 
 from ..config import VIFConfig, VIFConfigError
 
-PRESETS = ("paper", "released", "compact")
+PRESETS = ("paper", "released", "compact", "large")
 MODES = ("full", "lora", "vif-only")
 # The same dtype names as everywhere else (vif.loading.DTYPE_CHOICES); long names are stored short.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -205,7 +206,7 @@ class Recipe:
     """A validated training recipe; see the module docstring for the schema."""
 
     model: str = ""
-    vif: str | dict[str, Any] | None = "paper"
+    vif: str | dict[str, Any] | None = "compact"
     init_adapter: str | None = None
     attn_implementation: str = "sdpa"
     data: DataRecipe = field(default_factory=DataRecipe)
