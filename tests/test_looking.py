@@ -259,3 +259,28 @@ def test_features_of_the_vision_encoder_reach_the_attender_and_nothing_else():
     prompt = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         assert vmodel.generate(**prompt, max_new_tokens=2).shape[0] == 3
+
+
+def test_evidence_salience_scores_centres_with_the_readers_features():
+    """salience='evidence': the centre scores read the evidence reader's hidden features per token."""
+    torch.manual_seed(0)
+    model = tiny_llava()
+    batch = llava_batch(model, MIXED, padding_side="right", with_labels=True)
+    config = compact(model, **{**LOOKING, "salience": "evidence"})
+    vmodel = vif.attach(model, config).train()
+    assert vmodel.vif_module.gmm.center_salience[0].in_features == config.evidence_size
+    out = vmodel(**batch)
+    names = [n for n, _ in vmodel.vif_module.named_parameters()]
+    grads = dict(
+        zip(names, torch.autograd.grad(out.loss, list(vmodel.vif_module.parameters()), allow_unused=True))
+    )
+    for name in ("gmm.center_salience.0.weight", "evidence.proj.0.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    # the map moves when the reader's features change: the salience path is live
+    vmodel.eval()
+    prompt = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        before = vmodel(**prompt).vif.importance[4]
+        vmodel.vif_module.evidence.proj[0].weight.mul_(3.0)
+        after = vmodel(**prompt).vif.importance[4]
+    assert (before - after).abs().max() > 1e-4

@@ -230,6 +230,10 @@ class EvidenceHead(nn.Module):
         # Two layers: whether a patch shows the answer is not a linear function of its features.
         self.proj = nn.Sequential(nn.Linear(feature_size, width), nn.GELU(), nn.Linear(width, width))
 
+    def trunk(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, N, width)``: the reader's hidden features of each token (what it reads the answer from)."""
+        return self.proj[1](self.proj[0](self.norm(features)))
+
     def forward(
         self,
         pi: torch.Tensor,
@@ -310,7 +314,9 @@ class ProbabilisticAttender(nn.Module):
         # The released module uses its slot queries as they are.
         self.slot_norm = nn.LayerNorm(dz) if config.attender == "vif" else nn.Identity()
         self.slot_attention = MultiHeadAttention(dz, config.num_heads)
-        self.gmm = GMMHead(dz, config.min_sigma, config.centers)
+        evidence_salience = config.salience == "evidence" and config.evidence_weight > 0
+        salience_size = config.hidden_size if config.evidence_readout == "lm_head" else config.evidence_size
+        self.gmm = GMMHead(dz, config.min_sigma, config.centers, salience_size if evidence_salience else None)
         if config.evidence_weight > 0 and config.evidence_readout == "learned" and config.vocab_size is None:
             raise ValueError(
                 "VIFConfig.vocab_size is unset (evidence_readout='learned'); build the config with "
@@ -353,10 +359,14 @@ class ProbabilisticAttender(nn.Module):
         coords: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
         floor: torch.Tensor | float | None = None,
+        salience: torch.Tensor | None = None,
     ) -> Mixture:
-        """Slots ``z (B, K, Dz)`` of ``latent``'s branch -> mixture (coords/valid: the image tokens')."""
+        """Slots ``z (B, K, Dz)`` of ``latent``'s branch -> mixture (coords/valid: the image tokens').
+
+        ``salience (B, N, S)``: features for the centres' salience term (default: the encoded tokens).
+        """
         tokens = None if latent is None else latent.tokens
-        return self.gmm(z, tokens, coords, valid, floor)
+        return self.gmm(z, tokens, coords, valid, floor, salience)
 
 
 def init_released_(attender: ProbabilisticAttender) -> None:

@@ -102,6 +102,10 @@ class VIFConfig:
     centers: str = "attention"
     # "image": min_sigma in image widths (paper); "token": in tokens of each image's grid.
     min_sigma_unit: str = "token"
+    # What the centres' salience term reads (centers="attention"): "tokens", the branch's encoded image
+    # tokens; "evidence", the evidence reader's hidden features of each image token (what it reads the
+    # answer from), so the map can point wherever the reader can read.
+    salience: str = "tokens"
     # Answer-evidence loss: the map pools per-token image features, a small head reads the answer's
     # tokens from the pooled vector through the LM's own output embeddings. 0 turns it off (paper).
     evidence_weight: float = 3.0
@@ -159,6 +163,7 @@ class VIFConfig:
             "loss_pairs": ("all", "first"),
             "centers": ("linear", "attention"),
             "min_sigma_unit": ("image", "token"),
+            "salience": ("tokens", "evidence"),
             "evidence_features": ("embeddings", "encoder", "extraction"),
             "map_source": ("attender", "boxes"),
             "evidence_pool": ("map", "locator"),
@@ -178,6 +183,11 @@ class VIFConfig:
             raise VIFConfigError(
                 "evidence_pool='locator' pools with the components' attention over the image tokens, which "
                 "only centers='attention' has; set centers='attention' or evidence_pool='map'."
+            )
+        if self.salience == "evidence" and (self.centers != "attention" or self.evidence_weight == 0):
+            raise VIFConfigError(
+                "salience='evidence' scores the centres with the evidence reader's features, which needs "
+                "centers='attention' and evidence_weight > 0; set those or salience='tokens'."
             )
         if not self.extract_layers:
             raise VIFConfigError("VIFConfig needs at least one (extract_layers, inject_layers) pair.")

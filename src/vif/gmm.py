@@ -48,7 +48,13 @@ class GMMHead(nn.Module):
     (``min_sigma`` in image units, or in tokens of each image's grid).
     """
 
-    def __init__(self, latent_size: int, min_sigma: float = 0.035, centers: str = "linear") -> None:
+    def __init__(
+        self,
+        latent_size: int,
+        min_sigma: float = 0.035,
+        centers: str = "linear",
+        salience_size: int | None = None,
+    ) -> None:
         super().__init__()
         if centers not in ("linear", "attention"):
             raise ValueError(f"centers must be 'linear' or 'attention', got {centers!r}")
@@ -63,7 +69,7 @@ class GMMHead(nn.Module):
             # only pick one direction of the feature space, so "any small saturated object" needs
             # a nonlinear score of its own.
             self.center_salience = nn.Sequential(
-                nn.Linear(latent_size, latent_size), nn.GELU(), nn.Linear(latent_size, 1)
+                nn.Linear(salience_size or latent_size, latent_size), nn.GELU(), nn.Linear(latent_size, 1)
             )
         self.spread = nn.Linear(latent_size, 1)
         self.logit = nn.Linear(latent_size, 1)
@@ -87,6 +93,7 @@ class GMMHead(nn.Module):
         coords: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
         floor: torch.Tensor | float | None = None,
+        salience: torch.Tensor | None = None,
     ) -> Mixture:
         """z ``(B, K, Dz)`` -> :class:`Mixture`.
 
@@ -101,7 +108,8 @@ class GMMHead(nn.Module):
                 raise ValueError("centers='attention' needs the encoded image tokens, their coords and mask")
             scale = z.shape[-1] ** -0.5
             scores = torch.einsum("bkc,bnc->bkn", self.center_query(z), self.center_key(tokens)) * scale
-            scores = scores + self.center_salience(tokens).squeeze(-1)[:, None, :]
+            salient = self.center_salience(tokens if salience is None else salience).squeeze(-1)
+            scores = scores + salient.float()[:, None, :]
             scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
             locator = torch.softmax(scores, dim=-1)
             centers = torch.einsum("bkn,bnd->bkd", locator, coords.float()).to(z.dtype)

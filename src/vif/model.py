@@ -269,7 +269,13 @@ class _Runtime:
             z, branch = prior.sample(noise=noise), prior
         else:
             z, branch = prior.mu, prior
-        mixture = attender.decode(z, branch, coords, v_mask, floor)
+        salience = None
+        if config.salience == "evidence" and attender.evidence is not None:
+            vis_pos = self.vision_slots(hidden)
+            salience = attender.evidence.trunk(
+                self.token_features(config.evidence_features, has, vis_pos, hidden)
+            )
+        mixture = attender.decode(z, branch, coords, v_mask, floor, salience)
         pi_has = render(mixture, coords, v_mask, config.normalisation)
         pi = pi_has if streams.all_rows else pi_has.new_zeros(batch, n_vis).index_copy(0, has, pi_has)
 
@@ -284,7 +290,7 @@ class _Runtime:
         if attender.evidence is not None and self.answer is not None:
             mixtures = [mixture]
             if branch is not prior:  # the prior's own map (the one used at inference) learns too
-                mixtures.append(attender.decode(prior.mu, prior, coords, v_mask, floor))
+                mixtures.append(attender.decode(prior.mu, prior, coords, v_mask, floor, salience))
             pools = [self.evidence_pool(m, coords, v_mask) for m in mixtures]
             vis_pos = self.vision_slots(hidden)
             evidence = torch.stack([self.evidence_loss(p, hidden, has, vis_pos) for p in pools]).mean()

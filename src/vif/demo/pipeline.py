@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -320,7 +322,15 @@ def run_arm(job: ArmJob, threads: int | None = 1, progress: bool = False) -> dic
 
 
 def _job_in_worker(job: ArmJob, threads: int | None) -> dict[str, Any]:
-    return run_arm(job, threads, progress=False)
+    """One job in a worker process, its output (training logs, warnings) in ``logs/<job>.log``."""
+    log = Path(job.out) / "logs" / f"{job.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log, "w") as f:  # file descriptors, so that C-level and logging output go there too
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        return run_arm(job, threads, progress=False)
 
 
 def _run_jobs(
