@@ -141,15 +141,7 @@ def vif_state(directory: Path) -> dict[str, torch.Tensor]:
     [
         ("accelerate_fsdp_full_shard.yaml", {"engine": "fsdp", "fsdp_sharding": "FULL_SHARD"}),
         ("accelerate_zero2.yaml", {"engine": "deepspeed", "zero_stage": 2}),
-        pytest.param(
-            "accelerate_zero3.yaml",
-            {"engine": "deepspeed", "zero_stage": 3},
-            marks=pytest.mark.xfail(
-                reason="since the rebase on main: ZeRO-3 LoRA VIF weights 4e-3 from one process, full-model "
-                "keys doubled (notes/issue-15.md); sharding and exact resume pass",
-                strict=False,
-            ),
-        ),
+        ("accelerate_zero3.yaml", {"engine": "deepspeed", "zero_stage": 3}),
     ],
 )
 def test_sharded_runs_match_one_process_and_resume_exactly(setup, single, tmp_path, config, engine):  # noqa: F811
@@ -209,11 +201,6 @@ def test_sharded_runs_match_one_process_and_resume_exactly(setup, single, tmp_pa
         check_shard_grad_op_bf16(tmp_path / "sgo", setup)
 
     # The full model: the same weights as the one-process run, and the same logits on reload.
-    if engine.get("zero_stage") == 3:
-        pytest.xfail(
-            "ZeRO-3 writes the full model's language-model keys with a doubled 'model.' since the rebase "
-            "on the first-hour changes (notes/issue-15.md); VIF adapter, LoRA and resume are checked above"
-        )
     close(model_a, load_file(one / "full" / "model.safetensors"), ATOL)
     assert (
         logits(tmp_path / "full", tmp_path / "full" / "vif", setup) - single["full"]
