@@ -60,8 +60,9 @@ LOGITS_ATOL = 1e-3  # logits of weights within ATOL of each other (measured: bel
 LORA = {"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}  # dropout is not rank-independent
 # The LoRA runs start a new VIF module with the options for learning where to look (test_looking.py):
 # under ZeRO-3 its hooks read the partitioned lm_head (evidence head), the projector's input (vision
-# encoder features) and decoder layer 0's input (embeddings), and every engine must initialise it alike. (evidence_reader="tokens" is left out:
-# its candidates are the micro-batch's answer tokens, so 2 x 2 samples is not 1 x 4 on any engine.)
+# encoder features) and decoder layer 0's input (embeddings), and every engine must initialise it
+# alike. (evidence_reader="tokens" is left out: its candidates are the micro-batch's answer tokens,
+# so 2 x 2 samples is not 1 x 4, on any engine.)
 LOOKING = {
     "preset": "compact",
     "extract_layers": [1, 1],
@@ -84,7 +85,7 @@ ENGINES = [
 
 
 def run_recipe(setup, out: Path, batch: int = 2, **changes) -> dict:  # noqa: F811
-    """The tests' recipe: 2 steps of ``batch`` samples per process (global batch 4 either way), a checkpoint after each."""
+    """The tests' recipe: 2 steps of ``batch`` samples per process (global batch 4 either way), checkpoints at 1 and 2."""
     changes = {"save_steps": 1, "schedule__max_steps": 2, **changes}
     return base_recipe(setup, out, schedule__per_device_batch_size=batch, **changes)
 
@@ -104,17 +105,8 @@ def accelerate_env(config: str) -> dict[str, str]:
     from accelerate.commands import launch as accelerate_launch
 
     seen: dict[str, str] = {}
-    args = accelerate_launch.launch_command_parser().parse_args(
-        [
-            "--config_file",
-            str(REPO / "recipes" / config),
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "x.py",
-        ]
-    )
+    argv = ["--config_file", str(REPO / "recipes" / config), "--num_processes", "2", "--num_machines", "1"]
+    args = accelerate_launch.launch_command_parser().parse_args([*argv, "script.py"])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(accelerate_launch, "_run_torchrun", lambda _args: seen.update(os.environ))
         accelerate_launch.launch_command(args)
@@ -226,7 +218,7 @@ def sharded(setup, tmp_path_factory):  # noqa: F811
                 {"env": {"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}},
                 train_steps(sgo, out / "sgo.json"),
             ]
-    launch(ENGINES[0][0], steps, root)
+    launch(ENGINES[0][0], steps, root)  # started with the first config; its "engine" step sets the same
     return folders
 
 
