@@ -160,10 +160,13 @@ def build_trainer(
     checked = preflight(recipe, force=force, **overrides)  # before any weights load
     recipe, args = checked.recipe, checked.training_args
 
-    torch.manual_seed(recipe.seed)  # the VIF module's initialisation
     model, processor = load_model(
         checked.model_path, device="cpu", dtype="float32", attn_implementation=recipe.attn_implementation
     )
+    # LoRA's and the VIF module's initialisation. Seeded after loading: under ZeRO-3 transformers
+    # builds the model inside deepspeed.zero.Init, which draws random weights before the checkpoint
+    # overwrites them, so a seed set before loading gave the LoRA matrices other values than one process.
+    torch.manual_seed(recipe.seed)
     parts = build_training_model(recipe, model)
     train_data = CheckedDataset(checked.train_data, parts.base)
     eval_data = CheckedDataset(checked.eval_data, parts.base) if checked.eval_data is not None else None

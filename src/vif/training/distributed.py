@@ -22,7 +22,14 @@ without it; each is tested with two processes on CPU (tests/test_distributed.py)
    run with the same global batch. The trainer seeds each sample's noise from (seed, step,
    sample index) instead (:func:`sample_seeds`), which makes runs independent of the process count.
 
-(The sixth, the model output's ``vif`` field dropped by wrappers that rebuild the output, is
+6. ZeRO-3 loads the model inside ``deepspeed.zero.Init`` (the Trainer's arguments exist before
+   the weights load), and transformers' ZeRO-3 loader records every checkpoint-key renaming it
+   knows, not only those that matched; ``save_pretrained`` reverts them all and wrote LLaVA's
+   language model as ``language_model.model.model.*``. :func:`keep_used_key_conversions`.
+   (The same loading draws random weights before the checkpoint overwrites them, so the seed for
+   LoRA's and the VIF module's initialisation is set after loading, in ``build_trainer``.)
+
+(The seventh, the model output's ``vif`` field dropped by wrappers that rebuild the output, is
 handled where the output is read, in :meth:`VIFTrainer.compute_loss`.)
 """
 
@@ -306,3 +313,21 @@ def sample_seeds(seed: int, step: int, indices: list[int] | torch.Tensor) -> lis
         int(np.random.SeedSequence([seed, step, i]).generate_state(1, np.uint64)[0] >> np.uint64(1))
         for i in indices
     ]
+
+
+# -----------------------------------------------------------------------------
+# 6. Loading under ZeRO-3
+
+
+def keep_used_key_conversions(model: nn.Module) -> None:
+    """Keeps on ``model`` only the checkpoint-key renamings that renamed a key when it was loaded.
+
+    transformers records the renamings it applied on load (LLaVA: ``language_model.model.*`` ->
+    ``model.language_model.*``, ...) and ``save_pretrained`` reverts them, so a saved model has its
+    checkpoint's keys. Outside ZeRO-3 it records the renamings that matched; its ZeRO-3 loader
+    records all it knows, legacy ones included, and reverting one that never applied renamed
+    LLaVA's language model to ``language_model.model.model.*``, which loads as missing weights.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]

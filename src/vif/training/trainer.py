@@ -68,6 +68,8 @@ class VIFTrainer(Trainer):
         self.engine = distributed.engine_name(self.accelerator)
         if self.engine == "fsdp":
             distributed.set_fsdp_wrap_classes(self.accelerator.state.fsdp_plugin, parts.base)
+        if self.engine == "deepspeed":
+            distributed.keep_used_key_conversions(parts.base)
         self.data_collator = _WithSampleIndex(self.data_collator)
         # (ds_numel: a model loaded under DeepSpeed's ZeRO-3 init holds empty partitions)
         self.trainable_elements = sum(
