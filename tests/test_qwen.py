@@ -377,7 +377,7 @@ def test_shipped_recipe_trains_tiny_qwen2_5_vl_with_llm_only_lora(tmp_path):
     shipped = load_recipe(recipe_file)
     assert shipped.trainable.mode == "lora" and not shipped.train_projector
     assert (shipped.trainable.lora.r, shipped.trainable.lora.alpha) == (16, 32)
-    assert shipped.vif == "paper" and shipped.data.image_aspect == "keep"
+    assert shipped.vif == "large" and shipped.data.image_aspect == "keep"
 
     model_dir = build_tiny_qwen2_5_vl(
         tmp_path / "model", ["what color is the square", "it is " + " ".join(COLOURS)]
