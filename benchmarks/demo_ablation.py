@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict] = {
     "- detached attender input": {"detach_input": False},
     "- image embeddings in the attender": {"vision_features": "extraction"},
     "- per-token evidence reader (pooled)": {"evidence_reader": "pooled"},
+    # not removed but added: an experimental option measured the same way
+    "+ evidence salience (salience 'evidence')": {"salience": "evidence"},
 }
 
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "variant": name,
+                "seeds": [r["seed"] for r in runs],
                 "accuracy": float(np.mean(acc)),
                 "accuracy_per_seed": acc,
                 "gain_over_control": float(np.mean(gain)) if gain else None,
@@ -122,7 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['variant']} | {100 * row['accuracy']:.1f} ({per}) | {gain} | "
             f"{100 * row['importance_on_target']:.1f} ({on}) |"
         )
-    (args.demo / "ablation.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    # Runs of other variants (earlier invocations with --only) are kept in ablation.json.
+    path = args.demo / "ablation.json"
+    previous = json.loads(path.read_text()) if path.exists() else {"rows": [], "commands": []}
+    merged = {row["variant"]: row for row in previous["rows"]}
+    merged.update({row["variant"]: row for row in rows})
+    ordered = [merged[name] for name in VARIANTS if name in merged]
+    commands = [*previous.get("commands", [previous["command"]] if "command" in previous else []), command]
+    path.write_text(json.dumps({"commands": commands, "rows": ordered}, indent=2) + "\n")
     return 0
 
 

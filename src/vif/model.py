@@ -680,7 +680,10 @@ class VIFModel(nn.Module):
             )
         needs_vocab = config.evidence_weight > 0 and config.evidence_readout == "learned"
         if needs_vocab and config.vocab_size is None:
-            vocab = base_model.get_output_embeddings().weight.shape[0]
+            head = base_model.get_output_embeddings().weight
+            # the LM head's rows (resized embeddings included); ZeRO-3 partitioned weights are empty
+            # here and keep their shape in ds_shape
+            vocab = getattr(head, "ds_shape", head.shape)[0]
             config = VIFConfig.from_dict({**config.to_dict(), "vocab_size": int(vocab)})
         if "encoder" in config.token_sources and config.encoder_size is None:
             config = VIFConfig.from_dict({**config.to_dict(), "encoder_size": self._encoder_size(hidden)})
