@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -32,8 +33,7 @@ VARIANTS: dict[str, dict] = {
     "- detached attender input": {"detach_input": False},
     "- image embeddings in the attender": {"vision_features": "extraction"},
     "- per-token evidence reader (pooled)": {"evidence_reader": "pooled"},
-    # not removed but added: an experimental option measured the same way
-    "+ evidence salience (salience 'evidence')": {"salience": "evidence"},
+    "- evidence salience (salience 'tokens')": {"salience": "tokens"},
 }
 
 
@@ -47,22 +47,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "FIELD=VALUE"),
+        help="an extra variant: its name, then VIFConfig fields (JSON values), e.g. "
+        "--variant 'alpha 0.8' alpha=0.8; repeatable",
+    )
     args = parser.parse_args(argv)
 
     metrics = json.loads((args.demo / "metrics.json").read_text())
     settings = DemoSettings.full()
     settings = replace(settings, arm_steps=metrics["steps"]["arm"], seeds=tuple(args.seeds))
-    variants = {k: v for k, v in VARIANTS.items() if args.only is None or k in args.only}
+    extra = {}
+    for name, *fields in args.variant:
+        try:
+            extra[name] = {k: json.loads(v) for k, v in (f.split("=", 1) for f in fields)}
+        except ValueError as error:
+            parser.error(f"--variant {name!r}: fields must be FIELD=JSON-VALUE ({error})")
+    known = {**VARIANTS, **extra}
+    variants = {
+        k: v
+        for k, v in known.items()
+        if (args.only is None and not extra) or k in (args.only or []) or k in extra
+    }
     # The default is the demo's own `vif` arm (same preset, wiring, seeds and data order): reuse its
     # runs for the seeds it has instead of training them again.
     demo_seeds = metrics["seeds"]
     reuse_default = "project default" in variants and set(args.seeds) <= set(demo_seeds)
     out = args.demo / "ablation"
     jobs, names = [], {}
-    for index, (name, change) in enumerate(variants.items()):
+    for name, change in variants.items():
         if name == "project default" and reuse_default:
             continue
-        arm = f"ablation{index}"
+        arm = "v-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         settings.arms[arm] = {"preset": "compact", **WIRING, **change}
         for seed in args.seeds:
             job = ArmJob(
@@ -109,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                 "gain_over_control": float(np.mean(gain)) if gain else None,
                 "importance_on_target": float(np.mean(on)),
                 "importance_on_target_per_seed": on,
+                "per_seed_by_answer": [r.get("importance_on_target_by_answer") for r in runs],
             }
         )
-    command = " ".join(["python", *sys.argv])
+    command = shlex.join(["python", *sys.argv])
     print(f"# {command}")
     control_here = [control_by_seed[seed] for seed in args.seeds if seed in control_by_seed]
     print(f"control: {100 * float(np.mean(control_here)):.1f} % over seeds {args.seeds}")
@@ -130,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(path.read_text()) if path.exists() else {"rows": [], "commands": []}
     merged = {row["variant"]: row for row in previous["rows"]}
     merged.update({row["variant"]: row for row in rows})
-    ordered = [merged[name] for name in VARIANTS if name in merged]
+    ordered = [merged[name] for name in known if name in merged]
+    ordered += [row for name, row in merged.items() if name not in known]
     commands = [*previous.get("commands", [previous["command"]] if "command" in previous else []), command]
     path.write_text(json.dumps({"commands": commands, "rows": ordered}, indent=2) + "\n")
     return 0

@@ -45,7 +45,6 @@ def llava_7b_config() -> LlavaConfig:
         (dict(vision_features="tower"), "vision_features"),
         (dict(map_source="oracle"), "map_source"),
         (dict(salience="reader"), "salience"),
-        (dict(salience="evidence", evidence_weight=0.0), "salience='evidence' scores the centres"),
         (
             dict(centers="linear", evidence_pool="locator", evidence_weight=1.0),
             "only centers=.attention. has",

@@ -284,3 +284,16 @@ def test_evidence_salience_scores_centres_with_the_readers_features():
         vmodel.vif_module.evidence.proj[0].weight.mul_(3.0)
         after = vmodel(**prompt).vif.importance[4]
     assert (before - after).abs().max() > 1e-4
+
+
+def test_evidence_salience_without_the_evidence_head_reads_the_tokens():
+    """salience='evidence' (the default) falls back to the encoded tokens where there is no reader."""
+    model = tiny_llava()
+    config = compact(model, **{**LOOKING, "evidence_weight": 0.0, "evidence_pool": "map"})
+    assert config.salience == "evidence"
+    vmodel = vif.attach(model, config)
+    assert vmodel.vif_module.evidence is None
+    assert vmodel.vif_module.gmm.center_salience[0].in_features == config.latent_size
+    with torch.no_grad():
+        out = vmodel(**llava_batch(model, MIXED))
+    assert all(torch.isfinite(pi).all() for pi in out.vif.importance.values())

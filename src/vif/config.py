@@ -40,6 +40,7 @@ PAPER_METHOD: dict[str, Any] = {
     "evidence_weight": 0.0,
     "vision_features": "extraction",
     "detach_input": False,
+    "salience": "tokens",
 }
 # (evidence_features / _pool / _reader / _readout / _size only matter with evidence_weight > 0.)
 # Fields added after the first saved format, with the value that reproduces a module saved before.
@@ -102,10 +103,10 @@ class VIFConfig:
     centers: str = "attention"
     # "image": min_sigma in image widths (paper); "token": in tokens of each image's grid.
     min_sigma_unit: str = "token"
-    # What the centres' salience term reads (centers="attention"): "tokens", the branch's encoded image
-    # tokens; "evidence", the evidence reader's hidden features of each image token (what it reads the
-    # answer from), so the map can point wherever the reader can read.
-    salience: str = "tokens"
+    # What the centres' salience term reads (centers="attention"): "evidence", the evidence reader's
+    # hidden features of each image token (what it reads the answer from), so the map can point wherever
+    # the reader can read; "tokens", the branch's encoded image tokens (also used without the evidence head).
+    salience: str = "evidence"
     # Answer-evidence loss: the map pools per-token image features, a small head reads the answer's
     # tokens from the pooled vector through the LM's own output embeddings. 0 turns it off (paper).
     evidence_weight: float = 3.0
@@ -183,11 +184,6 @@ class VIFConfig:
             raise VIFConfigError(
                 "evidence_pool='locator' pools with the components' attention over the image tokens, which "
                 "only centers='attention' has; set centers='attention' or evidence_pool='map'."
-            )
-        if self.salience == "evidence" and (self.centers != "attention" or self.evidence_weight == 0):
-            raise VIFConfigError(
-                "salience='evidence' scores the centres with the evidence reader's features, which needs "
-                "centers='attention' and evidence_weight > 0; set those or salience='tokens'."
             )
         if not self.extract_layers:
             raise VIFConfigError("VIFConfig needs at least one (extract_layers, inject_layers) pair.")
