@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
+
+from vif.testing import SQUARE_WORDS, write_colour_squares
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "llava-hf/llava-1.5-7b-hf"
-COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "white": (255, 255, 255)}
 
 # (doc, command), in the order a user runs them.
 TRAIN = [
@@ -76,7 +76,7 @@ def user_folder(tmp_path, monkeypatch):
 
     from vif.tiny import build_tiny_llava
 
-    words = ["what color is the square", "it is red blue green white"]
+    words = SQUARE_WORDS
     commit = "1" * 40
     repo = tmp_path / "hub" / f"models--{HUB_ID.replace('/', '--')}"
     # 6 layers: the presets' default layer pairs need 5 or more.
@@ -93,25 +93,8 @@ def user_folder(tmp_path, monkeypatch):
     user = tmp_path / "user"
     for folder in (user / "data" / "images", user / "images"):
         folder.mkdir(parents=True)
-    train, bench, val = [], [], []
-    for i, name in enumerate(COLORS):
-        image = Image.new("RGB", (48, 32), (0, 0, 0))
-        image.paste(Image.new("RGB", (12, 12), COLORS[name]), (4 + 9 * i, 4 + 4 * i))
-        image.save(user / "data" / "images" / f"{name}.png")
-        image.save(user / "images" / f"{name}.png")
-        turns = [
-            {"from": "human", "value": "<image>\nwhat color is the square"},
-            {"from": "gpt", "value": f"it is {name}"},
-        ]
-        train.append({"id": name, "image": f"{name}.png", "conversations": turns})
-        bench.append(
-            {
-                "id": name,
-                "image": f"images/{name}.png",
-                "question": "what color is the square",
-                "answer": name,
-            }
-        )
+    train, _ = write_colour_squares(user / "data" / "images")
+    _, bench = write_colour_squares(user / "images", image_prefix="images/")
     val = train[:2]
     (user / "data" / "train.json").write_text(json.dumps(train))
     (user / "val.json").write_text(json.dumps(val))

@@ -32,11 +32,12 @@ import vif
 from vif.cli import main
 from vif.data.llava_format import LlavaFormatDataset, VIFCollator
 from vif.loading import load_model
+from vif.testing import SQUARE_COLOURS, SQUARE_WORDS, write_colour_squares
 from vif.tiny import build_tiny_llava
 from vif.training import RecipeError
 
-COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "white": (255, 255, 255)}
-WORDS = ["what color is the square", "it is red blue green white"]
+COLORS = SQUARE_COLOURS
+WORDS = SQUARE_WORDS
 VIF = {"preset": "compact", "extract_layers": [1, 1], "inject_layers": [2, 3]}  # 4 decoder layers
 
 
@@ -52,24 +53,7 @@ def world(tmp_path_factory):
     broken = root / "broken-model"
     shutil.copytree(model, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors at all" * 10)
-    samples, bench = [], []
-    for i, name in enumerate(COLORS):
-        image = Image.new("RGB", (48, 32), (0, 0, 0))  # wide: pad, resize and keep differ
-        image.paste(Image.new("RGB", (12, 12), COLORS[name]), (4 + 9 * i, 4 + 4 * i))
-        image.save(root / f"{name}.png")
-        samples.append(
-            {
-                "id": name,
-                "image": f"{name}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nwhat color is the square"},
-                    {"from": "gpt", "value": f"it is {name}"},
-                ],
-            }
-        )
-        bench.append(
-            {"id": name, "image": f"{name}.png", "question": "what color is the square", "answer": name}
-        )
+    samples, bench = write_colour_squares(root)
     (root / "data.json").write_text(json.dumps(samples))
     (root / "bench.jsonl").write_text("\n".join(json.dumps(r) for r in bench) + "\n")
     base, _ = load_model(model, device="cpu", dtype="float32")

@@ -18,40 +18,26 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 import vif
 from vif.data.llava_format import BadImageError, LlavaFormatDataset, VIFCollator
 from vif.loading import load_model
+from vif.testing import SQUARE_COLOURS, SQUARE_WORDS, write_colour_squares
 from vif.tiny import build_tiny_llava, build_tiny_qwen2_5_vl
 from vif.training import RecipeError, TrainingDataError, load_recipe, train
 from vif.training.api import build_trainer
 from vif.training.parts import part_of
 
 REPO = Path(__file__).resolve().parents[1]
-COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "white": (255, 255, 255)}
-WORDS = ["what color is the square", "it is red blue green white"]
+COLORS = SQUARE_COLOURS
+WORDS = SQUARE_WORDS
 # Explicit pairs: the tiny model has 4 decoder layers.
 VIF = {"preset": "compact", "extract_layers": [1, 1], "inject_layers": [2, 3]}
 
 
 def write_samples(root: Path, names=tuple(COLORS)) -> Path:
-    samples = []
-    for i, name in enumerate(names):
-        image = Image.new("RGB", (48, 32), (0, 0, 0))  # wide: exercises pad-to-square
-        image.paste(Image.new("RGB", (12, 12), COLORS[name]), (4 + 9 * i, 4 + 4 * i))
-        image.save(root / f"{name}.png")
-        samples.append(
-            {
-                "id": name,
-                "image": f"{name}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nwhat color is the square"},
-                    {"from": "gpt", "value": f"it is {name}"},
-                ],
-            }
-        )
+    samples, _ = write_colour_squares(root, names)
     (root / "data.json").write_text(json.dumps(samples))
     return root / "data.json"
 

@@ -287,3 +287,37 @@ def qwen_sample(batch: dict[str, torch.Tensor], index: int, model) -> dict[str, 
     single["pixel_values"] = batch["pixel_values"][start : start + int(rows[first:last].sum())]
     single["image_grid_thw"] = batch["image_grid_thw"][first:last]
     return single
+
+
+# --------------------------------------------------------------------------- coloured squares
+#: A 12 px square of each colour on a wide black 48 x 32 image (wide: pad, resize and keep differ).
+SQUARE_COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0), "white": (255, 255, 255)}
+SQUARE_QUESTION = "what color is the square"
+SQUARE_WORDS = [SQUARE_QUESTION, "it is red blue green white"]
+
+
+def write_colour_squares(
+    folder, names=tuple(SQUARE_COLOURS), image_prefix: str = ""
+) -> tuple[list[dict], list[dict]]:
+    """Writes ``<name>.png`` for each colour into ``folder``.
+
+    Returns the LLaVA-format training records (answer "it is <name>") and the benchmark records
+    (answer "<name>"), whose ``image`` is ``image_prefix + "<name>.png"``.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    samples, bench = [], []
+    for i, name in enumerate(names):
+        image = Image.new("RGB", (48, 32), (0, 0, 0))
+        image.paste(Image.new("RGB", (12, 12), SQUARE_COLOURS[name]), (4 + 9 * i, 4 + 4 * i))
+        image.save(Path(folder) / f"{name}.png")
+        path = f"{image_prefix}{name}.png"
+        turns = [
+            {"from": "human", "value": f"<image>\n{SQUARE_QUESTION}"},
+            {"from": "gpt", "value": f"it is {name}"},
+        ]
+        samples.append({"id": name, "image": path, "conversations": turns})
+        bench.append({"id": name, "image": path, "question": SQUARE_QUESTION, "answer": name})
+    return samples, bench
