@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..loading import DTYPE_CHOICES
+from ..eval.cli import add_placement_arguments
 
 
 def parse_layers(text: str | None, option: str, num_layers: int | None = None) -> list[int] | None:
@@ -84,15 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["pad", "resize", "keep"],
         help="pad to square (LLaVA-1.5, vif train's default) | resize | keep; use what the adapter was trained with",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument(
-        "--device-map",
-        help="accelerate placement instead of --device: auto, balanced, sequential (big models, offloading)",
-    )
-    parser.add_argument("--offload-folder", help="where --device-map puts weights it offloads to disk")
-    parser.add_argument(
-        "--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = the checkpoint's dtype (default)"
-    )
+    add_placement_arguments(parser)
     parser.add_argument(
         "--route",
         default="probe",

@@ -52,7 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--alpha", type=float, help="override the adapter's injection strength alpha (0..1)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_placement_arguments(parser)
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (generation, loading)")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --device-map, --offload-folder and --dtype, shared by vif eval and vif diagnose."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument(
         "--device-map",
         help="accelerate placement instead of --device: auto, balanced, sequential (big models, offloading)",
@@ -61,8 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPE_CHOICES, help="auto = the checkpoint's dtype (default)"
     )
-    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (generation, loading)")
 
 
 def check_model_options(args: argparse.Namespace, adapter: str | None, overrides: dict) -> object:
