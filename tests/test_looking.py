@@ -297,3 +297,25 @@ def test_evidence_salience_without_the_evidence_head_reads_the_tokens():
     with torch.no_grad():
         out = vmodel(**llava_batch(model, MIXED))
     assert all(torch.isfinite(pi).all() for pi in out.vif.importance.values())
+
+
+def test_generate_after_generate_reads_this_prompts_encoder_features():
+    """The evidence salience reads the vision encoder's output of *this* prompt, also when a previous
+    generate() left the runtime in its decode state (the encoder runs before the prompt's `begin`)."""
+    torch.manual_seed(0)
+    model = tiny_llava()
+    vmodel = vif.attach(model, compact(model, **{**LOOKING, "salience": "evidence"})).eval()
+    first = llava_batch(model, [(1, 3, 6), (1, 2, 5), (1, 4, 4)], padding_side="left")
+    second = llava_batch(model, [(1, 2, 7), (1, 5, 3)], padding_side="left")
+
+    def maps_after(*batches):
+        for batch in batches:
+            with torch.no_grad():
+                vmodel.generate(**batch, max_new_tokens=2, do_sample=False)
+        return {d: r.pi.clone() for d, r in vmodel._runtime.results.items()}
+
+    alone = maps_after(second)
+    after_another = maps_after(first, second)
+    assert alone.keys() == after_another.keys() and alone
+    for d in alone:
+        assert torch.equal(alone[d], after_another[d]), d

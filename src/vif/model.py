@@ -183,7 +183,9 @@ class _Runtime:
 
     def record_encoder(self, features: torch.Tensor) -> None:
         """Keeps the vision encoder's output, one row per image token in their order ``(..., Dv)``."""
-        if self.enabled and not self.reusing:
+        # Not gated on `reusing`: the encoder may run before this forward's `begin` (LLaVA's generate
+        # does), while `reusing` still describes the previous call; it only runs with new images.
+        if self.enabled:
             self.encoder = features.detach().reshape(-1, features.shape[-1])
 
     def extract(self, layer_idx: int, hidden: torch.Tensor) -> None:
