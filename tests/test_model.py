@@ -359,3 +359,17 @@ def test_two_models_in_one_process_do_not_share_state():
         plain = tiny_llava(seed=0)(**batch)
     assert torch.equal(out_a.logits, again_a.logits)
     assert torch.equal(out_b.logits, plain.logits)
+
+
+def test_attach_to_a_model_on_the_meta_device_keeps_the_module_there():
+    """Counting parameters at 7B sizes builds the model on the meta device (benchmarks/memory_table.py)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vif.testing import tiny_llava_config
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(tiny_llava_config())
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    config = vif.VIFConfig.preset("compact", model, extract_layers=[1], inject_layers=[3])
+    vmodel = vif.attach(model, config)
+    assert {p.device.type for p in vmodel.vif_module.parameters()} == {"meta"}

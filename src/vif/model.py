@@ -707,7 +707,11 @@ class VIFModel(nn.Module):
         # The attender reads the hidden states of the first extraction layer: it lives where that
         # layer computes (with accelerate's device_map / offload, that is not "the first parameter").
         layers = self.backbone.decoder_layers()
-        device = execution_device(layers[min(config.extract_layers)]) or torch.device("cpu")
+        first = layers[min(config.extract_layers)]
+        device = execution_device(first)
+        if device is None:  # no hook and no real weights: a model built on the meta device stays there
+            on_meta = any(p.device.type == "meta" for p in first.parameters())
+            device = torch.device("meta" if on_meta else "cpu")
         self.vif_module = ProbabilisticAttender(config).to(
             device=device, dtype=dtype or _floating_dtype(base_model)
         )
