@@ -271,12 +271,14 @@ class _Runtime:
             z, branch = prior.sample(noise=noise), prior
         else:
             z, branch = prior.mu, prior
-        salience = None
-        if config.salience == "evidence" and attender.evidence is not None:
-            vis_pos = self.vision_slots(hidden)
-            salience = attender.evidence.trunk(
-                self.token_features(config.evidence_features, has, vis_pos, hidden)
+        evidence_features = None  # (B_img, Nv, size): what the evidence head reads, found once per pair
+        if attender.evidence is not None and (config.salience == "evidence" or self.answer is not None):
+            evidence_features = self.token_features(
+                config.evidence_features, has, self.vision_slots(hidden), hidden
             )
+        salience = None
+        if config.salience == "evidence" and evidence_features is not None:
+            salience = attender.evidence.trunk(evidence_features)
         mixture = attender.decode(z, branch, coords, v_mask, floor, salience)
         pi_has = render(mixture, coords, v_mask, config.normalisation)
         pi = pi_has if streams.all_rows else pi_has.new_zeros(batch, n_vis).index_copy(0, has, pi_has)
@@ -294,8 +296,7 @@ class _Runtime:
             if branch is not prior:  # the prior's own map (the one used at inference) learns too
                 mixtures.append(attender.decode(prior.mu, prior, coords, v_mask, floor, salience))
             pools = [self.evidence_pool(m, coords, v_mask) for m in mixtures]
-            vis_pos = self.vision_slots(hidden)
-            evidence = torch.stack([self.evidence_loss(p, hidden, has, vis_pos) for p in pools]).mean()
+            evidence = self.evidence_loss(pools, evidence_features, has)
         return _PairResult(pi, mixture, kl, entropy(pi_has).mean(), volume.mean(), use_posterior, evidence)
 
     def sigma_floor(self, has: torch.Tensor) -> torch.Tensor | float:
@@ -354,10 +355,13 @@ class _Runtime:
         return full.gather(1, vis_pos[..., None].expand(-1, -1, full.shape[-1]))
 
     def evidence_loss(
-        self, pi: torch.Tensor, hidden: torch.Tensor, has: torch.Tensor, vis_pos: torch.Tensor
+        self, pools: list[torch.Tensor], features: torch.Tensor, has: torch.Tensor
     ) -> torch.Tensor:
-        """The answer-evidence loss of one map ``pi (B_img, Nv)`` (see :class:`~vif.attender.EvidenceHead`)."""
-        features = self.token_features(self.config.evidence_features, has, vis_pos, hidden)
+        """The answer-evidence loss, averaged over the maps ``pools`` (each ``(B_img, Nv)``).
+
+        ``features`` ``(B_img, Nv, size)``: the per-token features the head reads
+        (see :class:`~vif.attender.EvidenceHead`).
+        """
         # End-of-turn and padding tokens follow every answer whatever the image shows: not evidence.
         content = self.answer[has] & ~torch.isin(self.labels[has], self.special_ids(features.device))
         answers, has_answer = gather_tokens(self.labels[has][..., None], content)
@@ -365,7 +369,10 @@ class _Runtime:
         readout = None
         if self.config.evidence_readout == "lm_head":
             readout = self.base_model.get_output_embeddings().weight.detach()
-        return self.attender.evidence(pi, features, readout, answers, self.layout.valid[has])
+        valid = self.layout.valid[has]
+        return torch.stack(
+            [self.attender.evidence(pi, features, readout, answers, valid) for pi in pools]
+        ).mean()
 
     # ---------------------------------------------------------------- injection
     def plan_for(self, layer_idx: int, q_len: int, kv_len: int) -> InjectionPlan | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..eval.cli import add_placement_arguments
+from ..eval.cli import add_placement_arguments, check_model_options, load_options
 
 
 def parse_layers(text: str | None, option: str, num_layers: int | None = None) -> list[int] | None:
@@ -140,7 +140,6 @@ def _check_data(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.cli import check_model_options, load_options
     from ..loading import disable_progress_bars, load_model
     from ..model import VIFModel
     from ..outputs import check_output_folder, clear_owned
