@@ -24,9 +24,16 @@ import numpy as np
 
 from vif.demo.pipeline import WIRING, ArmJob, DemoSettings, run_arm
 
-# Each variant: the project default (`compact` preset) with one ingredient set back to the paper's.
+# Each variant: the project default (`compact` preset, the demo's recipe) with one ingredient set
+# back. Keys starting with "_" change the demo's recipe instead of the VIFConfig: "_warmup", the
+# steps of the VIF-only first stage; "_vif_lr", the VIF module's learning rate.
 VARIANTS: dict[str, dict] = {
     "project default": {},
+    "- VIF-only first stage (_warmup 0)": {"_warmup": 0},
+    "- VIF lr 3e-3 (_vif_lr 1e-3)": {"_vif_lr": 1e-3},
+    "- log-sum-exp reader (evidence_reader 'tokens')": {"evidence_reader": "tokens"},
+    "- distilled salience (salience 'evidence')": {"salience": "evidence"},
+    "- floor 0.25 token (min_sigma 0.5)": {"min_sigma": 0.5},
     "- answer-evidence head (evidence_weight 0)": {"evidence_weight": 0.0},
     "- attention centres (centers linear)": {"centers": "linear", "evidence_pool": "map"},
     "- sigma floor in tokens (min_sigma 0.105 of the image)": {"min_sigma_unit": "image", "min_sigma": 0.105},
@@ -60,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = json.loads((args.demo / "metrics.json").read_text())
     settings = DemoSettings.full()
-    settings = replace(settings, arm_steps=metrics["steps"]["arm"], seeds=tuple(args.seeds))
+    settings = replace(
+        settings,
+        arm_steps=metrics["steps"]["arm"],
+        warmup_steps=metrics["steps"].get("warmup", {}),  # demos made before the stage had none
+        seeds=tuple(args.seeds),
+    )
     extra = {}
     for name, *fields in args.variant:
         try:
@@ -83,12 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "project default" and reuse_default:
             continue
         arm = "v-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-        settings.arms[arm] = {"preset": "compact", **WIRING, **change}
+        fields = {k: v for k, v in change.items() if not k.startswith("_")}
+        arm_settings = replace(
+            settings,
+            arms={**settings.arms, arm: {"preset": "compact", **WIRING, **fields}},
+            warmup_steps={arm: change.get("_warmup", settings.warmup_steps.get("vif", 0))},
+            vif_lr=change.get("_vif_lr", settings.vif_lr),
+        )
         for seed in args.seeds:
             job = ArmJob(
                 arm,
                 seed,
-                settings,
+                arm_settings,
                 str(args.demo / "models" / "base"),
                 str(args.demo / "data" / "train.json"),
                 str(args.demo / "data" / "test.json"),

@@ -54,7 +54,11 @@ def test_metrics_schema(quick_run: tuple[Path, dict]) -> None:
         assert 0.0 < m["deep_ratio"] <= 1.0 + 1e-6
         assert 0.0 <= m["deep_attention_on_target"] <= 1.0
     assert 0.0 < metrics["on_target_if_uniform"] < 1.0
-    assert metrics["steps"] == {"base": settings.base_steps, "arm": settings.arm_steps}
+    assert metrics["steps"] == {
+        "base": settings.base_steps,
+        "arm": settings.arm_steps,
+        "warmup": settings.warmup_steps,
+    }
     assert metrics["seconds"] > 0
     assert metrics["n_test"] == settings.data.n_test
 
@@ -84,6 +88,14 @@ def test_every_arm_trained_from_the_base(quick_run: tuple[Path, dict]) -> None:
         json.loads((models / "oracle-seed0" / "vif" / "vif_config.json").read_text())["map_source"] == "boxes"
     )
     assert default["map_source"] == "attender"
+    # the project's arm first trained its VIF module alone (LLM frozen), then continued from it
+    warmup = models / "vif-seed0-warmup"
+    stage = json.loads((warmup / "training_recipe.json").read_text())
+    assert stage["trainable"]["mode"] == "vif-only"
+    assert stage["schedule"]["max_steps"] == DemoSettings.quick().warmup_steps["vif"]
+    second = json.loads((models / "vif-seed0" / "training_recipe.json").read_text())
+    assert Path(second["init_adapter"]).parent == warmup and second["vif"] is None
+    assert not (models / "vif_paper-seed0-warmup").exists()  # the paper's recipe has no such stage
 
 
 def test_report_files(quick_run: tuple[Path, dict]) -> None:

@@ -287,10 +287,10 @@ def test_evidence_salience_scores_centres_with_the_readers_features():
 
 
 def test_evidence_salience_without_the_evidence_head_reads_the_tokens():
-    """salience='evidence' (the default) falls back to the encoded tokens where there is no reader."""
+    """salience="distilled" (the default) falls back to the encoded tokens where there is no reader."""
     model = tiny_llava()
     config = compact(model, **{**LOOKING, "evidence_weight": 0.0, "evidence_pool": "map"})
-    assert config.salience == "evidence"
+    assert config.salience == "distilled"
     vmodel = vif.attach(model, config)
     assert vmodel.vif_module.evidence is None
     assert vmodel.vif_module.gmm.center_salience[0].in_features == config.latent_size
@@ -319,3 +319,67 @@ def test_generate_after_generate_reads_this_prompts_encoder_features():
     assert alone.keys() == after_another.keys() and alone
     for d in alone:
         assert torch.equal(alone[d], after_another[d]), d
+
+
+def test_logsumexp_reader_matches_its_closed_form_and_trains_the_reader_on_the_uniform_pool():
+    """evidence_reader='logsumexp': an answer's image score is the (map-weighted) log-sum-exp of its
+    tokens' scores; the map-weighted term trains the map, not the reader."""
+    from vif.attender import EvidenceHead
+
+    torch.manual_seed(0)
+    head = EvidenceHead(8, 16, "logsumexp", vocab_size=10, answer_size=6)
+    features = torch.randn(2, 5, 8)
+    answers = torch.tensor([[3], [7]])
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 4] = False
+    pi = torch.softmax(torch.randn(2, 5), -1).masked_fill(~valid, 0.0).requires_grad_()
+    loss = head(pi, features, None, answers, valid)
+
+    # by hand: scores over the batch's answers {3, 7}, pooled with log-sum-exp, one softmax per image
+    scores = head.proj(head.norm(features)) @ head.answers.weight[[3, 7]].T  # (2, 5, 2)
+    target = torch.tensor([0, 1])
+    expected = 0.0
+    for weights in (pi.detach(), valid.float()):
+        log_w = weights.clamp_min(1e-38).log().masked_fill(~valid, -math.inf)
+        expected = expected + torch.nn.functional.cross_entropy(
+            torch.logsumexp(scores + log_w[..., None], 1), target
+        )
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+    (pi_grad,) = torch.autograd.grad(loss, pi, retain_graph=True)
+    assert pi_grad[valid].abs().sum() > 0 and pi_grad[~valid].abs().sum() == 0
+    # the reader's gradient does not depend on the map: the same for any pi
+    g_pi = torch.autograd.grad(head(pi.detach(), features, None, answers, valid), head.answers.weight)[0]
+    g_flat = torch.autograd.grad(head(valid.float(), features, None, answers, valid), head.answers.weight)[0]
+    assert g_pi.abs().sum() > 0 and torch.allclose(g_pi, g_flat, atol=1e-6)
+
+
+def test_distilled_salience_learns_the_readers_map():
+    """salience='distilled': the centres' salience term is trained towards the reader's own map."""
+    torch.manual_seed(0)
+    model = tiny_llava()
+    batch = llava_batch(model, MIXED, padding_side="right", with_labels=True)
+    config = compact(model, **{**LOOKING, "evidence_reader": "logsumexp", "salience": "distilled"})
+    vmodel = vif.attach(model, config).train()
+    names = [n for n, _ in vmodel.vif_module.named_parameters()]
+    out = vmodel(**batch)
+    grads = dict(
+        zip(
+            names,
+            torch.autograd.grad(out.vif.evidence, list(vmodel.vif_module.parameters()), allow_unused=True),
+        )
+    )
+    assert grads["gmm.center_salience.2.weight"].abs().sum() > 0
+    # training the salience term alone on the evidence loss lowers it (only the distillation moves)
+    salience = [p for n, p in vmodel.vif_module.named_parameters() if n.startswith("gmm.center_salience")]
+    optimiser = torch.optim.Adam(salience, lr=1e-2)
+    losses = []
+    for _ in range(30):
+        evidence = vmodel(**batch).vif.evidence
+        losses.append(float(evidence.detach()))
+        optimiser.zero_grad()
+        evidence.backward()
+        optimiser.step()
+    assert losses[-1] < losses[0] - 0.05
+    back = vif.VIFConfig.from_dict(config.to_dict())
+    assert back.salience == "distilled" and back.evidence_reader == "logsumexp"

@@ -252,6 +252,8 @@ class EvidenceHead(nn.Module):
             readout = self.answers.weight
         if self.reader == "tokens":
             return self.token_reader(pi, features, readout, answers, valid)
+        if self.reader == "logsumexp":
+            return self.logsumexp_reader(pi, features, readout, answers, valid)
         return self.pooled_reader(pi, features, readout, answers)
 
     def token_reader(
@@ -285,6 +287,54 @@ class EvidenceHead(nn.Module):
         flat = (picked * valid[..., None]).sum(1) / valid.sum(-1, keepdim=True).clamp_min(1)  # (B, A)
         return -((mixed + flat) * has).sum() / has.sum().clamp_min(1)
 
+    def logsumexp_reader(
+        self,
+        pi: torch.Tensor,
+        features: torch.Tensor,
+        readout: torch.Tensor,
+        answers: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each image token scores every candidate answer; the image's score for an answer is
+        ``log sum_j pi_j exp(s_j(answer))``, read with a softmax over the candidates.
+
+        Unlike ``"tokens"``, a token is not made to name some answer: a background token scores every
+        answer low and drops out of the sum, so the few tokens that show the answer carry the loss
+        (log-sum-exp pooling, as in weakly supervised localisation). The gradient raises ``pi_j``
+        where token ``j`` scores the answer above the others. A second, map-independent term pools
+        all valid tokens alike, so the reader learns on tokens the map does not point at yet.
+        """
+        has = answers >= 0
+        candidates, index = torch.unique(answers.clamp_min(0), return_inverse=True)  # (U,), (B, A)
+        scores = torch.einsum(
+            "bnd,ud->bnu", self.proj(self.norm(features)), readout[candidates].to(features.dtype)
+        ).float()  # (B, N, U)
+        tiny = torch.finfo(torch.float32).tiny
+        loss = 0.0
+        # The map-weighted term trains the map only: through it, a map that points at the background
+        # would teach the reader to name the answer from background tokens (noise it can memorise).
+        for weights, s in ((pi.float() * valid, scores.detach()), (valid.float(), scores)):
+            log_w = weights.clamp_min(tiny).log().masked_fill(~valid, float("-inf"))
+            image = torch.logsumexp(s + log_w[..., None], dim=1)  # (B, U)
+            picked = torch.log_softmax(image, dim=-1).gather(1, index)  # (B, A)
+            loss = loss - (picked * has).sum() / has.sum().clamp_min(1)
+        return loss
+
+    def answer_scores(
+        self, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
+    ) -> torch.Tensor:
+        """``(B, N)``: how strongly each image token shows *any* of the batch's answers, the
+        log-sum-exp of its scores over the candidate answer tokens (what ``salience="distilled"``
+        teaches the centres' salience term, which must find the evidence without the answer).
+        """
+        if self.answers is not None:
+            readout = self.answers.weight
+        candidates = torch.unique(answers[answers >= 0])
+        scores = torch.einsum(
+            "bnd,ud->bnu", self.proj(self.norm(features)), readout[candidates].to(features.dtype)
+        )
+        return torch.logsumexp(scores.float(), dim=-1)
+
     def pooled_reader(
         self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
     ) -> torch.Tensor:
@@ -314,7 +364,7 @@ class ProbabilisticAttender(nn.Module):
         # The released module uses its slot queries as they are.
         self.slot_norm = nn.LayerNorm(dz) if config.attender == "vif" else nn.Identity()
         self.slot_attention = MultiHeadAttention(dz, config.num_heads)
-        evidence_salience = config.salience == "evidence" and config.evidence_weight > 0
+        evidence_salience = config.salience != "tokens" and config.evidence_weight > 0
         salience_size = config.hidden_size if config.evidence_readout == "lm_head" else config.evidence_size
         self.gmm = GMMHead(dz, config.min_sigma, config.centers, salience_size if evidence_salience else None)
         if config.evidence_weight > 0 and config.evidence_readout == "learned" and config.vocab_size is None:

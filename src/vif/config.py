@@ -93,7 +93,7 @@ class VIFConfig:
     sample_at_inference: bool = False  # True: the released code's stochastic inference
 
     # --- spatial GMM decoding (section 5) -----------------------------------------
-    min_sigma: float = 0.5  # the smallest spread, in units of min_sigma_unit (paper: 0.035 of the image)
+    min_sigma: float = 0.25  # the smallest spread, in units of min_sigma_unit (paper: 0.035 of the image)
     normalisation: str = "sum"  # "sum": M / sum M (paper); "softmax": released code
     grid_coords: str = "centers"  # "centers": (i + 0.5) / W; "linspace": linspace(0, 1, W)
 
@@ -105,8 +105,10 @@ class VIFConfig:
     min_sigma_unit: str = "token"
     # What the centres' salience term reads (centers="attention"): "evidence", the evidence reader's
     # hidden features of each image token (what it reads the answer from), so the map can point wherever
-    # the reader can read; "tokens", the branch's encoded image tokens (also used without the evidence head).
-    salience: str = "evidence"
+    # the reader can read; "distilled", the same features, and the term also learns to match the reader's
+    # own map (where it finds any of the batch's answers), so the prior finds evidence without the answer;
+    # "tokens", the branch's encoded image tokens (also used without the evidence head).
+    salience: str = "distilled"
     # Answer-evidence loss: the map pools per-token image features, a small head reads the answer's
     # tokens from the pooled vector through the LM's own output embeddings. 0 turns it off (paper).
     evidence_weight: float = 3.0
@@ -119,8 +121,10 @@ class VIFConfig:
     # under the current Gaussians.
     evidence_pool: str = "locator"
     # How the head reads: "pooled", one prediction from the pooled features (over the vocabulary);
-    # "tokens", every image token predicts the answer alone and the pool mixes their likelihoods.
-    evidence_reader: str = "tokens"
+    # "tokens", every image token predicts the answer alone and the pool mixes their likelihoods;
+    # "logsumexp", every image token scores every answer and an answer's score for the image is the
+    # pool-weighted log-sum-exp of its tokens' scores (a token may show no answer at all).
+    evidence_reader: str = "logsumexp"
     # What scores an answer token: "lm_head", the LM's own output embeddings (detached); "learned", an
     # embedding table of the module's own (vocab_size x evidence_size), which does not inherit the LM
     # head's confusions (a base that answers "purple" for blue and green has nearly equal rows for them).
@@ -164,11 +168,11 @@ class VIFConfig:
             "loss_pairs": ("all", "first"),
             "centers": ("linear", "attention"),
             "min_sigma_unit": ("image", "token"),
-            "salience": ("tokens", "evidence"),
+            "salience": ("tokens", "evidence", "distilled"),
             "evidence_features": ("embeddings", "encoder", "extraction"),
             "map_source": ("attender", "boxes"),
             "evidence_pool": ("map", "locator"),
-            "evidence_reader": ("pooled", "tokens"),
+            "evidence_reader": ("pooled", "tokens", "logsumexp"),
             "evidence_readout": ("lm_head", "learned"),
             "vision_features": ("extraction", "extraction+embeddings", "extraction+encoder"),
         }

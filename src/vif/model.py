@@ -272,12 +272,12 @@ class _Runtime:
         else:
             z, branch = prior.mu, prior
         evidence_features = None  # (B_img, Nv, size): what the evidence head reads, found once per pair
-        if attender.evidence is not None and (config.salience == "evidence" or self.answer is not None):
+        if attender.evidence is not None and (config.salience != "tokens" or self.answer is not None):
             evidence_features = self.token_features(
                 config.evidence_features, has, self.vision_slots(hidden), hidden
             )
         salience = None
-        if config.salience == "evidence" and evidence_features is not None:
+        if config.salience != "tokens" and evidence_features is not None:
             salience = attender.evidence.trunk(evidence_features)
         mixture = attender.decode(z, branch, coords, v_mask, floor, salience)
         pi_has = render(mixture, coords, v_mask, config.normalisation)
@@ -370,9 +370,20 @@ class _Runtime:
         if self.config.evidence_readout == "lm_head":
             readout = self.base_model.get_output_embeddings().weight.detach()
         valid = self.layout.valid[has]
-        return torch.stack(
-            [self.attender.evidence(pi, features, readout, answers, valid) for pi in pools]
-        ).mean()
+        head = self.attender.evidence
+        loss = torch.stack([head(pi, features, readout, answers, valid) for pi in pools]).mean()
+        if self.config.salience == "distilled" and bool((answers >= 0).any()):
+            # The salience term learns, token by token, the reader's score for any answer: at inference
+            # (no answer) it points the centres where the reader would find one.
+            # Cross-entropy between the two maps over the image tokens (scale-free: the reader's scores
+            # grow without bound under log-sum-exp pooling).
+            target = (
+                head.answer_scores(features, readout, answers).detach().masked_fill(~valid, float("-inf"))
+            )
+            salient = self.attender.gmm.center_salience(head.trunk(features)).squeeze(-1).float()
+            log_q = torch.log_softmax(salient.masked_fill(~valid, float("-inf")), dim=-1)
+            loss = loss - (torch.softmax(target, dim=-1) * log_q.masked_fill(~valid, 0.0)).sum(-1).mean()
+        return loss
 
     # ---------------------------------------------------------------- injection
     def plan_for(self, layer_idx: int, q_len: int, kv_len: int) -> InjectionPlan | None:

@@ -73,6 +73,13 @@ class DemoSettings:
     arm_steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
+    # The VIF module's lr in every VIF arm: its answer-evidence reader must learn to read within the
+    # arm's steps before the map can follow (at 1e-3 the map reached 17 % on target, docs/looking.md).
+    vif_lr: float = 3e-3
+    # Arms whose VIF module first trains alone (trainable.mode "vif-only": the LLM frozen) for these
+    # many steps, then with the LLM for `arm_steps` like every arm: the LLM learns to use a map
+    # only while the map is right (docs/looking.md). The LLM's own steps stay equal across arms.
+    warmup_steps: dict[str, int] = field(default_factory=lambda: {"vif": 300})
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: dict[str, Any] = field(default_factory=default_arms)
     # evaluation and diagnostics (of the seed-0 control and VIF arms)
@@ -102,6 +109,7 @@ class DemoSettings:
             arm_steps=2,
             batch_size=4,
             seeds=(0,),
+            warmup_steps={"vif": 2},
             n_diagnose=4,
             n_heatmaps=1,
         )
@@ -118,7 +126,12 @@ def _train_recipe(
         "vif": vif,
         "data": {"json": str(train_json)},
         "trainable": {"mode": "full"},
-        "optimizer": {"lr": settings.lr, "weight_decay": 0.0, "max_grad_norm": 1.0},
+        "optimizer": {
+            "lr": settings.lr,
+            "vif_lr": settings.vif_lr if vif is not None else None,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+        },
         "schedule": {
             "scheduler": "cosine",
             "warmup_ratio": 0.05,
@@ -245,7 +258,11 @@ def _run_demo(
     metrics.update(
         {
             "seeds": list(settings.seeds),
-            "steps": {"base": settings.base_steps, "arm": settings.arm_steps},
+            "steps": {
+                "base": settings.base_steps,
+                "arm": settings.arm_steps,
+                "warmup": settings.warmup_steps,
+            },
             "seconds": round(time.perf_counter() - started, 1),
             "seconds_base": round(base_seconds, 1),
             "n_test": results[("control", first)]["n"],
@@ -293,15 +310,18 @@ def run_arm(job: ArmJob, threads: int | None = 1, progress: bool = False) -> dic
     started = time.perf_counter()
     settings, out = job.settings, Path(job.out)
     vif = settings.arms[job.arm]
+    base, train_json = Path(job.base), Path(job.train_json)
     recipe = _train_recipe(
-        settings,
-        Path(job.base),
-        Path(job.train_json),
-        out / "models" / job.name,
-        settings.arm_steps,
-        vif,
-        job.seed,
+        settings, base, train_json, out / "models" / job.name, settings.arm_steps, vif, job.seed
     )
+    warmup = settings.warmup_steps.get(job.arm, 0) if vif is not None else 0
+    if warmup:
+        stage = _train_recipe(
+            settings, base, train_json, out / "models" / f"{job.name}-warmup", warmup, vif, job.seed
+        )
+        stage["trainable"] = {"mode": "vif-only"}
+        warmed = train({**stage, "disable_tqdm": not progress})
+        recipe = {**recipe, "vif": None, "init_adapter": str(warmed.vif_adapter)}
     trained = train({**recipe, "disable_tqdm": not progress})
     model, processor = load_model(
         trained.model_path, device=job.device, dtype="float32", adapter=trained.vif_adapter
