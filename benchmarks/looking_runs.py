@@ -10,7 +10,12 @@ docs/looking.md's log was made with it:
         --arm vif --vif '{"extract_layers": [1, 2], "inject_layers": [3, 5], "num_heads": 1}' --seed 1
 
 ``--arm control | vif | oracle``; ``--vif`` holds ``VIFConfig`` fields over the ``compact`` preset
-(``"preset": NAME`` picks another). One JSON line per run is appended to ``--out``.
+(``"preset": NAME`` picks another); ``--vif-lr`` the VIF module's lr; ``--warmup N`` first trains
+the VIF module alone (the LLM frozen) for N steps, like the demo's first stage; ``--eval-every N``
+scores along the way. A VIF arm with an evidence reader also reports what the reader reads at
+the target (``reader``: its answer right at the target's tokens; the share on the target of its
+own map, a softmax over tokens of its log-sum-exp score over the five colours). One JSON line
+per run is appended to ``--out``.
 """
 
 from __future__ import annotations
@@ -81,6 +86,45 @@ def evaluate(model, items: list[dict], collate, image_size: int, patch_size: int
     return result
 
 
+COLOURS = ("blue", "green", "purple", "red", "yellow")
+
+
+def reader_probe(model, items: list[dict], collate, processor, image_size: int, patch_size: int) -> dict:
+    """What the evidence reader reads from the vision encoder's features at inference."""
+    head = model.vif_module.evidence
+    ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(c) for c in COLOURS])
+    right, on, n = 0, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), 50):
+            chunk = items[start : start + 50]
+            batch = collate(chunk)
+            batch.pop("vif_boxes", None)
+            model(**batch)
+            encoder = model._runtime.encoder  # (n_image_tokens, Dv): one image per sample here
+            features = encoder.reshape(len(chunk), -1, encoder.shape[-1])
+            scores = head.proj(head.norm(features)) @ head.answers.weight[ids].T  # (B, N, 5)
+            labels = batch["labels"]
+            gold = labels[torch.arange(len(chunk)), (labels != -100).float().argmax(1)]
+            for b, item in enumerate(chunk):
+                mask = target_tokens(item["bbox"], image_size, patch_size)
+                score = scores[b, : mask.numel()]
+                answer = int((ids == gold[b]).nonzero()[0, 0])
+                right += int(score[mask].logsumexp(0).argmax() == answer)
+                on += float(score.logsumexp(-1).softmax(0)[mask].sum())
+                n += 1
+    model.train()
+    return {"read_at_target": right / n, "reader_map_on_target": on / n}
+
+
+def schedule(step: int, steps: int) -> float:
+    """The demo's lr multiplier: 5 % linear warm-up, then cosine to 0."""
+    warmup = max(1, int(0.05 * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a TinyFind folder (vif demo's data/)")
@@ -92,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vif-lr", type=float, default=None, help="the VIF module's lr [--lr]")
+    parser.add_argument("--vif-lr", type=float, default=3e-3, help="the VIF module's lr [3e-3, the demo's]")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=Path("looking_runs.jsonl"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=0, help="VIF-only steps (LLM frozen) first")
+    parser.add_argument("--eval-every", type=int, default=0, help="score every N steps as well")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -124,42 +170,71 @@ def main(argv: list[str] | None = None) -> int:
         groups.append({"params": vif_params, "lr": args.vif_lr or args.lr})
     optimiser = torch.optim.AdamW(groups, weight_decay=0.0)
     base_lrs = [g["lr"] for g in optimiser.param_groups]
-    warmup = max(1, int(0.05 * args.steps))
-    generator = torch.Generator().manual_seed(args.seed)
-    order: list[int] = []
-    while len(order) < args.steps * args.batch_size:
-        order += torch.randperm(len(train), generator=generator).tolist()
+    has_map = args.arm != "control"
+    evals = []
+
+    def train_steps(steps: int, optimiser, params: list, seed: int, log_key: str) -> list[dict]:
+        generator = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        while len(order) < steps * args.batch_size:
+            order += torch.randperm(len(train), generator=generator).tolist()
+        lrs, history = [g["lr"] for g in optimiser.param_groups], []
+        for step in range(steps):
+            for group, lr in zip(optimiser.param_groups, lrs):
+                group["lr"] = lr * schedule(step, steps)
+            batch = collate([train[i] for i in order[step * args.batch_size : (step + 1) * args.batch_size]])
+            out = top(**batch)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+            if (step + 1) % 50 == 0:
+                record = {log_key: step + 1, "loss": round(float(out.loss.detach()), 4)}
+                parts = getattr(out, "vif", None)
+                for key in ("lm_loss", "kl", "evidence", "entropy", "mean_sigma"):
+                    value = getattr(parts, key, None)
+                    if value is not None:
+                        record[key] = round(float(value), 4)
+                history.append(record)
+                print(json.dumps(record), flush=True)
+            last = step + 1 == steps  # the final scores follow the loop
+            if log_key == "step" and args.eval_every and (step + 1) % args.eval_every == 0 and not last:
+                scores = evaluate(top, test, collate, vision.image_size, vision.patch_size, has_map)
+                evals.append({"step": step + 1, **scores})
+                print(
+                    json.dumps(
+                        {
+                            "step": step + 1,
+                            "accuracy": scores["accuracy"],
+                            "on_target": scores.get("on_target"),
+                        }
+                    )
+                )
+        for group, lr in zip(optimiser.param_groups, lrs):
+            group["lr"] = lr
+        return history
 
     history = []
-    for step in range(args.steps):
-        if step < warmup:
-            scale = (step + 1) / warmup
-        else:
-            scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-        for group, lr in zip(optimiser.param_groups, base_lrs):
-            group["lr"] = lr * scale
-        batch = collate([train[i] for i in order[step * args.batch_size : (step + 1) * args.batch_size]])
-        out = top(**batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0:
-            record = {"step": step + 1, "loss": round(float(out.loss), 4)}
-            parts = getattr(out, "vif", None)
-            for key in ("lm_loss", "kl", "evidence", "entropy", "mean_sigma"):
-                value = getattr(parts, key, None)
-                if value is not None:
-                    record[key] = round(float(value), 4)
-            history.append(record)
-            print(json.dumps(record), flush=True)
+    if args.warmup and vif_params:
+        # The VIF module alone first (the LLM frozen), with its own optimiser and schedule.
+        llm = groups[0]["params"]
+        for p in llm:
+            p.requires_grad_(False)
+        alone = torch.optim.AdamW([{"params": vif_params, "lr": base_lrs[-1]}], weight_decay=0.0)
+        history += train_steps(args.warmup, alone, vif_params, args.seed + 1000, "warmup")
+        for p in llm:
+            p.requires_grad_(True)
+    history += train_steps(args.steps, optimiser, [p for g in groups for p in g["params"]], args.seed, "step")
 
-    scores = evaluate(top, test, collate, vision.image_size, vision.patch_size, args.arm != "control")
+    scores = evaluate(top, test, collate, vision.image_size, vision.patch_size, has_map)
+    if has_map and getattr(top.vif_module, "evidence", None) is not None:
+        scores["reader"] = reader_probe(top, test, collate, processor, vision.image_size, vision.patch_size)
     result = {
         "tag": args.tag,
         "arm": args.arm,
         "vif": args.vif,
         "steps": args.steps,
+        "warmup": args.warmup,
         "seed": args.seed,
         "lr": args.lr,
         "vif_lr": args.vif_lr,
@@ -168,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         **scores,
         "seconds": round(time.perf_counter() - started, 1),
         "history": history,
+        "evals": evals,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
     with open(args.out, "a") as f:
