@@ -117,10 +117,10 @@ def test_shipped_recipes_validate():
         assert r.schedule.scheduler == "cosine" and r.schedule.warmup_ratio == 0.03 and r.schedule.epochs == 1
         assert r.data.max_length == 2048 and r.data.image_aspect == "pad" and r.activation_checkpointing
         assert r.vif == "large" and r.precision == "bf16"  # the paper's size, vif's method (docs/looking.md)
-    full, lora = (
-        load_recipe(files[0 if "lora" not in files[0].name else 1]),
-        load_recipe(REPO / "recipes/llava-1.5-7b-vif-lora.yaml"),
+    full, lora, stage1 = (
+        load_recipe(REPO / "recipes" / f"llava-1.5-7b-vif{suffix}.yaml") for suffix in ("", "-lora", "-stage1")
     )
+    assert stage1.trainable.mode == "vif-only" and not stage1.train_projector  # the optional first stage
     assert full.trainable.mode == "full" and full.train_projector
     assert lora.trainable.mode == "lora" and (lora.trainable.lora.r, lora.trainable.lora.alpha) == (128, 256)
     assert lora.trainable.lora.dropout == 0.05

@@ -34,6 +34,7 @@ RELEASED_BEHAVIOUR: dict[str, Any] = {
 # look (docs/presets.md, "departures from the paper"). The "paper" and "released" presets and
 # `vif convert-authors` use them; a vif_config.json saved before a field existed is read with them.
 PAPER_METHOD: dict[str, Any] = {
+    "alpha": 0.5,
     "centers": "linear",
     "min_sigma": 0.035,
     "min_sigma_unit": "image",
@@ -67,7 +68,9 @@ class VIFConfig:
     # --- wiring (section 3) -------------------------------------------------------
     extract_layers: list[int] = field(default_factory=lambda: list(PAPER_EXTRACT_LAYERS))
     inject_layers: list[int] = field(default_factory=lambda: list(PAPER_INJECT_LAYERS))
-    alpha: float = 0.5
+    # The injection's weight: A' = (1 - alpha) A + alpha pi on the image (paper: 0.5). vif: 0.8, so that
+    # the LLM leans on a map that is right (docs/looking.md).
+    alpha: float = 0.8
     # "fused": closed form on top of the base attention (no q x kv matrix);
     # "materialised": eager reference that builds A' explicitly.
     injection: str = "fused"

@@ -79,7 +79,7 @@ class DemoSettings:
     # Arms whose VIF module first trains alone (trainable.mode "vif-only": the LLM frozen) for these
     # many steps, then with the LLM for `arm_steps` like every arm: the LLM learns to use a map
     # only while the map is right (docs/looking.md). The LLM's own steps stay equal across arms.
-    warmup_steps: dict[str, int] = field(default_factory=lambda: {"vif": 300})
+    warmup_steps: dict[str, int] = field(default_factory=lambda: {"vif": 300})  # 600: better, slower
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: dict[str, Any] = field(default_factory=default_arms)
     # evaluation and diagnostics (of the seed-0 control and VIF arms)
