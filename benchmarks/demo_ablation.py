@@ -30,6 +30,7 @@ from vif.demo.pipeline import WIRING, ArmJob, DemoSettings, run_arm
 VARIANTS: dict[str, dict] = {
     "project default": {},
     "- VIF-only first stage (_warmup 0)": {"_warmup": 0},
+    "- alpha 0.8 (alpha 0.5)": {"alpha": 0.5},
     "- VIF lr 3e-3 (_vif_lr 1e-3)": {"_vif_lr": 1e-3},
     "- log-sum-exp reader (evidence_reader 'tokens')": {"evidence_reader": "tokens"},
     "- distilled salience (salience 'evidence')": {"salience": "evidence"},

@@ -25,9 +25,11 @@ gradient by its running RMS, so the update of an element whose gradient is at th
 level is rounding noise scaled up to the learning rate: the bias of a softmax's scores (the
 mixture logits, the attention centres' keys and salience) gets a gradient that is exactly zero
 in exact arithmetic, and with Adam's default eps (1e-8) those biases ended up to 5e-5 apart after
-2 steps. ``ADAM_EPS`` = 1e-6 sits above that level and far below the other gradients, so the
-runs agree to the rounding of the weights: at most 5e-7 measured (VIF module, LoRA adapter and
-full model, every engine). ATOL = 1e-4 keeps the margin the test had and stays far below how far
+2 steps. With the distilled salience (a cross-entropy between maps over the tokens, also blind
+to that bias) the salience's output bias reached 1.1e-4 apart under ZeRO-3 with eps 1e-6.
+``ADAM_EPS`` = 1e-5 sits above that level and far below the other gradients (VIF's gradient norm
+is 20-60): measured at most 3.3e-5 apart (that bias, ZeRO-3, LoRA run), every other weight of
+the VIF module, LoRA adapter and full model within 1.2e-7, every engine. ATOL = 1e-4 keeps the margin the test had and stays far below how far
 the VIF module moves (6e-3 in 2 steps; asserted > MOVED). A resumed run must match its
 uninterrupted twin exactly (the same processes do the same sums), and does: the tolerance there
 is 0.
@@ -62,7 +64,7 @@ from vif.training.api import build_trainer
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "tests" / "launch_vif_train.py"
 ATOL = 1e-4
-ADAM_EPS = 1e-6  # above the rounding level of the gradients (see the module docstring)
+ADAM_EPS = 1e-5  # above the rounding level of the gradients (see the module docstring)
 MOVED = 3e-3  # how far the VIF module must move in 2 steps (measured 6e-3; vif_lr 3e-3)
 LOGITS_ATOL = 1e-3  # logits of weights within ATOL of each other (measured: below 1e-5)
 LORA = {"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}  # dropout is not rank-independent
