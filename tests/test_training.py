@@ -118,7 +118,8 @@ def test_shipped_recipes_validate():
         assert r.data.max_length == 2048 and r.data.image_aspect == "pad" and r.activation_checkpointing
         assert r.vif == "large" and r.precision == "bf16"  # the paper's size, vif's method (docs/looking.md)
     full, lora, stage1 = (
-        load_recipe(REPO / "recipes" / f"llava-1.5-7b-vif{suffix}.yaml") for suffix in ("", "-lora", "-stage1")
+        load_recipe(REPO / "recipes" / f"llava-1.5-7b-vif{suffix}.yaml")
+        for suffix in ("", "-lora", "-stage1")
     )
     assert stage1.trainable.mode == "vif-only" and not stage1.train_projector  # the optional first stage
     assert full.trainable.mode == "full" and full.train_projector
