@@ -271,11 +271,8 @@ class EvidenceHead(nn.Module):
         multiple-instance learning), so every token gets a signal from the first step.
         """
         has = answers >= 0
-        candidates, index = torch.unique(answers.clamp_min(0), return_inverse=True)  # (U,), (B, A)
-        logits = torch.einsum(
-            "bnd,ud->bnu", self.proj(self.norm(features)), readout[candidates].to(features.dtype)
-        )
-        log_p = torch.log_softmax(logits.float(), dim=-1)  # (B, N, U)
+        logits, index = self.candidate_scores(features, readout, answers)
+        log_p = torch.log_softmax(logits, dim=-1)  # (B, N, U)
         picked = log_p.gather(2, index[:, None, :].expand(-1, log_p.shape[1], -1))  # (B, N, A)
         log_pi = pi.float().clamp_min(torch.finfo(torch.float32).tiny).log()
         mixed = torch.logsumexp(picked + log_pi[..., None], dim=1)  # (B, A)
@@ -305,10 +302,7 @@ class EvidenceHead(nn.Module):
         all valid tokens alike, so the reader learns on tokens the map does not point at yet.
         """
         has = answers >= 0
-        candidates, index = torch.unique(answers.clamp_min(0), return_inverse=True)  # (U,), (B, A)
-        scores = torch.einsum(
-            "bnd,ud->bnu", self.proj(self.norm(features)), readout[candidates].to(features.dtype)
-        ).float()  # (B, N, U)
+        scores, index = self.candidate_scores(features, readout, answers)
         tiny = torch.finfo(torch.float32).tiny
         loss = 0.0
         # The map-weighted term trains the map only: through it, a map that points at the background
@@ -329,11 +323,23 @@ class EvidenceHead(nn.Module):
         """
         if self.answers is not None:
             readout = self.answers.weight
-        candidates = torch.unique(answers[answers >= 0])
+        real = answers[answers >= 0][None]  # (1, K): only the batch's real answer tokens compete
+        return torch.logsumexp(self.candidate_scores(features, readout, real)[0], dim=-1)
+
+    def candidate_scores(
+        self, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's score for every distinct answer token of the batch (the candidates).
+
+        Returns ``(B, N, U)`` float32 scores and ``(B, A)`` each answer's index among the ``U``
+        candidates (entries of ``answers`` below 0, "no answer", are read as token 0; callers mask
+        them).
+        """
+        candidates, index = torch.unique(answers.clamp_min(0), return_inverse=True)  # (U,), (B, A)
         scores = torch.einsum(
             "bnd,ud->bnu", self.proj(self.norm(features)), readout[candidates].to(features.dtype)
         )
-        return torch.logsumexp(scores.float(), dim=-1)
+        return scores.float(), index
 
     def pooled_reader(
         self, pi: torch.Tensor, features: torch.Tensor, readout: torch.Tensor, answers: torch.Tensor
