@@ -104,6 +104,7 @@ def test_report_files(quick_run: tuple[Path, dict]) -> None:
     page = (out / "report.html").read_text()
     for arm in ARMS:
         assert f"{100 * metrics[arm]['accuracy']:.1f}%" in md
+    assert "trained their VIF module alone" in md  # the project's arm's first stage is named
     images_md = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     images_html = re.findall(r"<img src='([^']+)'", page)
     assert images_md == images_html

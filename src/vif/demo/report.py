@@ -109,6 +109,18 @@ def diagnosis(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _first_stages(metrics: dict[str, Any]) -> str:
+    """The sentence naming the arms that trained their VIF module alone first (empty if none)."""
+    stages = {arm: n for arm, n in metrics["steps"].get("warmup", {}).items() if n and arm in metrics}
+    if not stages:
+        return ""
+    named = ", ".join(f"{LABELS[arm]}: {n} steps" for arm, n in stages.items())
+    return (
+        f"Before those steps, these arms trained their VIF module alone, the LLM frozen ({named}); "
+        "the LLM's steps are the same in every arm. "
+    )
+
+
 def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[str]) -> list[Block]:
     settings = metrics["settings"]
     data = settings["data"]
@@ -124,7 +136,7 @@ def blocks(metrics: dict[str, Any], diagnostics: dict[str, Any], heatmaps: list[
             f"{(settings['image_size'] // settings['patch_size']) ** 2} image tokens) was trained "
             f"{metrics['steps']['base']} steps without VIF; every arm then continued {metrics['steps']['arm']} "
             f"steps from that checkpoint with the same recipe, once per seed ({metrics['seeds']}: data order "
-            "and VIF initialisation). Scores: greedy generation, exact match. "
+            "and VIF initialisation). " + _first_stages(metrics) + "Scores: greedy generation, exact match. "
             f"Data and base seed {metrics['seed']}, {metrics['seconds']:.0f} s on {metrics['device']}.",
         )
     )
