@@ -51,7 +51,8 @@ def probe(demo: Path, arm: str, batch_size: int = 50) -> dict[str, dict[str, flo
             pi = torch.stack(list(model(**batch).vif.importance.values())).mean(0)
             encoder = model._runtime.encoder  # (n_image_tokens, Dv): one image per sample here
             features = encoder.reshape(len(items), -1, encoder.shape[-1])
-            p = (head.trunk(features) @ head.answers.weight[ids].T).softmax(-1)  # (B, N, 5)
+            # the reader's output per token (its last layer too, not only its hidden features)
+            p = (head.proj(head.norm(features)) @ head.answers.weight[ids].T).softmax(-1)  # (B, N, 5)
             for b, item in enumerate(items):
                 record = records[item["id"]]
                 answer = COLOURS.index(record["conversations"][1]["value"])
