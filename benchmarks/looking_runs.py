@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     if vif_params:
         groups.append({"params": vif_params, "lr": args.vif_lr or args.lr})
     optimiser = torch.optim.AdamW(groups, weight_decay=0.0)
-    base_lrs = [g["lr"] for g in optimiser.param_groups]
     has_map = args.arm != "control"
     evals = []
 
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = groups[0]["params"]
         for p in llm:
             p.requires_grad_(False)
-        alone = torch.optim.AdamW([{"params": vif_params, "lr": base_lrs[-1]}], weight_decay=0.0)
+        alone = torch.optim.AdamW([{"params": vif_params, "lr": groups[-1]["lr"]}], weight_decay=0.0)
         history += train_steps(args.warmup, alone, vif_params, args.seed + 1000, "warmup")
         for p in llm:
             p.requires_grad_(True)
